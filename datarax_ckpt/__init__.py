@@ -1,0 +1,29 @@
+"""datarax_ckpt: asynchronous, exact checkpoints for JAX, built on Orbax's CheckpointManager."""
+
+from datarax_ckpt import serialization as serialization
+from datarax_ckpt._errors import CheckpointError as CheckpointError
+from datarax_ckpt._errors import CheckpointExistsError as CheckpointExistsError
+from datarax_ckpt._errors import CheckpointFormatError as CheckpointFormatError
+from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
+from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
+from datarax_ckpt._typing import Checkpointable as Checkpointable
+from datarax_ckpt._typing import PathLike as PathLike
+from datarax_ckpt._typing import PyTree as PyTree
+from datarax_ckpt.options import CheckpointOptions as CheckpointOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "CheckpointOptions",
+    "Checkpointable",
+    "OrbaxCheckpointHandler",
+    "PathLike",
+    "PyTree",
+    "StructureMismatchError",
+    "serialization",
+]

@@ -1,0 +1,494 @@
+"""OrbaxCheckpointHandler: non-blocking, exact checkpoints on Orbax's CheckpointManager."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from datarax_ckpt import _layout, _snapshot, _validate, serialization
+from datarax_ckpt._errors import CheckpointExistsError, CheckpointNotFoundError
+from datarax_ckpt._typing import PathLike, PyTree
+from datarax_ckpt.options import CheckpointOptions
+
+logger = logging.getLogger("datarax_ckpt")
+
+
+@dataclasses.dataclass
+class _Pending:
+    future: concurrent.futures.Future
+    nbytes: int
+    name: str
+
+
+class _Directory:
+    """Everything the handler keeps for one checkpoint directory.
+
+    All Orbax calls for a directory run on its single worker thread, in submission
+    order: the CheckpointManager (not thread-safe) is only ever touched by that thread,
+    and a restore queued after a save sees that save (read-your-writes).
+    """
+
+    def __init__(self, path: epath.Path, options: CheckpointOptions):
+        self.path = path
+        self.options = options
+        self.worker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"datarax-ckpt:{path.name}"
+        )
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.policy = ocp.checkpoint_managers.LatestN(n=None)
+        self._manager: ocp.CheckpointManager | None = None
+
+    def item_handlers(self) -> dict[str, Any]:
+        return {
+            _layout.ITEM_STATE: ocp.PyTreeCheckpointHandler(
+                use_ocdbt=self.options.use_ocdbt, use_compression=self.options.use_compression
+            ),
+            _layout.ITEM_MANIFEST: ocp.JsonCheckpointHandler(),
+            _layout.ITEM_METADATA: ocp.JsonCheckpointHandler(),
+        }
+
+    def manager(self) -> ocp.CheckpointManager:
+        """The directory's CheckpointManager (worker thread only); created on first use."""
+        if self._manager is None:
+            if jax.process_index() == 0:
+                _layout.recover(self.path)
+            self._manager = ocp.CheckpointManager(
+                self.path,
+                options=ocp.CheckpointManagerOptions(
+                    step_name_format=_layout.NAME_FORMAT,
+                    preservation_policy=self.policy,
+                    create=False,
+                    cleanup_tmp_directories=self.options.cleanup_tmp_directories,
+                    enable_async_checkpointing=True,
+                ),
+                item_handlers=self.item_handlers(),
+            )
+        return self._manager
+
+    def run(self, fn, *args) -> concurrent.futures.Future:
+        return self.worker.submit(fn, *args)
+
+    def drain(self) -> None:
+        """Waits until every job queued so far has finished (errors are reported elsewhere)."""
+        self.worker.submit(lambda: None).result()
+
+    def close(self) -> None:
+        try:
+            if self._manager is not None:
+                self.worker.submit(self._manager.close).result()
+        finally:
+            self.worker.shutdown(wait=True)
+
+
+class OrbaxCheckpointHandler:
+    """Saves and restores JAX training states without stopping the training loop.
+
+    Each directory gets one Orbax ``CheckpointManager`` (created lazily, cached), which
+    names steps ``ckpt-<step>``, applies ``keep`` retention and writes in the background.
+    ``save()`` captures the state (a private copy, so later donation or mutation of the
+    caller's arrays cannot reach the checkpoint) and returns; the write continues on a
+    per-directory worker thread.
+
+    Concurrency contract: thread-safe. Calls from several threads are serialized per
+    directory in the order they acquire the handler; saves to different directories
+    are written concurrently. Multi-process-safe when every process makes the same
+    calls (Orbax coordinates through ``jax.distributed``). NOT safe for two handlers
+    (or two jobs) writing to the same directory at once.
+
+    Errors of background writes are never swallowed: they are raised, with the step
+    and directory noted, by the next call on this handler, by
+    :meth:`wait_until_finished` or by :meth:`close`.
+
+    Args:
+        options: A :class:`~datarax_ckpt.CheckpointOptions`; defaults if None.
+        **overrides: Field overrides of ``options``, e.g. ``async_save=False``.
+
+    Raises:
+        TypeError: for an unknown option name or a wrongly typed value.
+        ValueError: for an out-of-range option value.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp
+        >>> from datarax_ckpt import OrbaxCheckpointHandler
+        >>> directory = tempfile.mkdtemp()
+        >>> with OrbaxCheckpointHandler() as handler:
+        ...     _ = handler.save(directory, {"w": jnp.ones(3), "step": 10}, step=10)
+        ...     restored = handler.restore(directory)
+        >>> restored["step"], handler.latest_step(directory)
+        (10, 10)
+    """
+
+    def __init__(self, options: CheckpointOptions | None = None, **overrides: Any):
+        options = options if options is not None else CheckpointOptions()
+        if not isinstance(options, CheckpointOptions):
+            raise TypeError(f"options must be a CheckpointOptions, got {type(options).__name__}.")
+        self.options = dataclasses.replace(options, **overrides) if overrides else options
+        self._lock = threading.RLock()  # serializes public calls' critical sections
+        self._state = threading.Lock()  # guards pending queues and errors; never held while waiting
+        self._directories: dict[str, _Directory] = {}
+        self._errors: list[BaseException] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> OrbaxCheckpointHandler:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # do not mask the exception that is already propagating
+            logger.exception("Error while closing the checkpoint handler")
+
+    def close(self) -> None:
+        """Waits for pending saves, releases threads and managers, raises their errors.
+
+        Idempotent. The handler cannot be used afterwards.
+
+        Raises:
+            Exception: the first error of a background write not yet reported.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            directories = list(self._directories.values())
+            self._directories.clear()
+        for directory in directories:
+            try:
+                directory.close()
+            except Exception as e:  # noqa: BLE001 - reported below like a write error
+                self._record(e)
+        self._raise_errors()
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every pending save is committed on disk.
+
+        Raises:
+            Exception: the first error of a background write not yet reported.
+        """
+        with self._lock:
+            directories = list(self._directories.values())
+        for directory in directories:
+            directory.drain()
+        self._raise_errors()
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        directory: PathLike,
+        target: PyTree,
+        *,
+        step: int | None = None,
+        metadata: dict | None = None,
+        keep: int | None = None,
+        overwrite: bool = False,
+    ) -> str | None:
+        """Captures ``target`` and writes it in the background.
+
+        Args:
+            directory: The checkpoint directory (created if needed).
+            target: The state: a pytree, a Flax NNX module or optimizer, a
+                :class:`~datarax_ckpt.Checkpointable`, or any nest of them.
+            step: None writes ``<directory>/checkpoint/``; an int >= 0 writes
+                ``<directory>/ckpt-<step>/``.
+            metadata: A JSON-serializable dict stored beside the state.
+            keep: After this save commits, keep only the newest ``keep`` steps
+                (None keeps all). The unversioned checkpoint is never deleted.
+            overwrite: Replace an existing checkpoint of the same name. If the new save
+                fails, the old one is put back.
+
+        Returns:
+            The path of the checkpoint folder, or None if the save was skipped because
+            ``on_backpressure="skip"`` and too many saves were pending.
+
+        Raises:
+            TypeError: for an unsupported leaf (named by path) or argument type.
+            ValueError: for a bad ``step``, ``keep`` or ``metadata`` value.
+            FileExistsError: if the checkpoint exists and ``overwrite`` is False.
+            NotADirectoryError: if ``directory`` is a file.
+            Exception: an error of an earlier background write.
+        """
+        _validate.step(step)
+        _validate.keep(keep)
+        _validate.flag("overwrite", overwrite)
+        metadata = _validate.metadata(metadata)
+        path = _validate.directory(directory)
+        name = _layout.step_name(step)
+        with self._lock:
+            self._check_open()
+            self._raise_errors()
+            handle = self._directory(path)
+            with self._state:
+                queued = any(p.name == name for p in handle.pending)
+            if not overwrite and (queued or (path / name).exists()):
+                raise CheckpointExistsError(
+                    f"{path / name} already exists. Pass overwrite=True to replace it, or "
+                    "save under a new step."
+                )
+            arrays, manifest = serialization.serialize(
+                target,
+                pack_threshold_bytes=self.options.pack_threshold_bytes,
+                snapshot=self.options.snapshot,
+            )
+            nbytes = _snapshot.nbytes(arrays)
+            if not self._make_room(handle, nbytes):
+                logger.warning(
+                    "Skipped the save of %s: %d saves are still being written "
+                    "(CheckpointOptions.on_backpressure='skip').",
+                    path / name,
+                    len(handle.pending),
+                )
+                return None
+            future = handle.run(
+                self._write, handle, step, arrays, manifest, metadata, keep, overwrite
+            )
+            pending = _Pending(future, nbytes, name)
+            with self._state:
+                handle.pending.append(pending)
+            future.add_done_callback(lambda f: self._finished(handle, pending))
+        if not self.options.async_save:
+            handle.drain()
+            self._raise_errors()
+        return str(path / name)
+
+    def _make_room(self, handle: _Directory, nbytes: int) -> bool:
+        """Applies the backpressure policy; returns False if the save must be skipped."""
+        opts = self.options
+
+        def oldest_if_full() -> _Pending | None:
+            with self._state:
+                pending = [p for p in handle.pending if not p.future.done()]
+            held = sum(p.nbytes for p in pending)
+            limit = opts.max_pending_bytes
+            over = len(pending) >= opts.max_pending_saves or (
+                limit is not None and held + nbytes > limit
+            )
+            return pending[0] if pending and over else None
+
+        while (oldest := oldest_if_full()) is not None:
+            if opts.on_backpressure == "skip":
+                return False
+            concurrent.futures.wait([oldest.future])
+        return True
+
+    def _finished(self, handle: _Directory, pending: _Pending) -> None:
+        with self._state:
+            if pending in handle.pending:
+                handle.pending.remove(pending)
+        error = pending.future.exception()
+        if error is not None:
+            error.add_note(
+                f"datarax_ckpt: raised by the background save of {handle.path / pending.name}."
+            )
+            self._record(error)
+
+    def _record(self, error: BaseException) -> None:
+        with self._state:
+            self._errors.append(error)
+
+    def _raise_errors(self) -> None:
+        with self._state:
+            errors, self._errors = self._errors, []
+        if errors:
+            for extra in errors[1:]:
+                logger.error("Another background checkpoint error: %r", extra)
+            raise errors[0]
+
+    def _write(self, handle, step, arrays, manifest, metadata, keep, overwrite) -> None:
+        """Worker thread: writes one checkpoint through Orbax and waits until committed."""
+        handle.path.mkdir(parents=True, exist_ok=True)
+        args = {
+            _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
+            _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
+        }
+        if arrays:
+            args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(arrays)
+        args = ocp.args.Composite(**args)
+        manager = handle.manager()
+        path = handle.path / _layout.step_name(step)
+        backup = None
+        if _layout.is_committed(path):
+            if not overwrite:
+                raise CheckpointExistsError(
+                    f"{path} was created by someone else while this save was queued."
+                )
+            backup = _layout.move_aside(path)
+        try:
+            if step is None:
+                checkpointer = ocp.Checkpointer(
+                    ocp.CompositeCheckpointHandler(**handle.item_handlers())
+                )
+                try:
+                    checkpointer.save(path, args=args)
+                finally:
+                    checkpointer.close()
+            else:
+                if backup is not None:
+                    manager.reload()
+                handle.policy.n = keep
+                manager.save(step, args=args, force=True)
+                manager.wait_until_finished()
+        except BaseException:
+            _layout.remove_partial(handle.path, path.name)
+            if backup is not None:
+                _layout.put_back(path, backup)
+            if step is not None:
+                manager.reload()
+            raise
+        if backup is not None:
+            backup.rmtree()
+
+    # ------------------------------------------------------------------ restoring
+
+    def restore(
+        self,
+        directory: PathLike,
+        target: PyTree = None,
+        *,
+        step: int | None = None,
+        metadata_only: bool = False,
+    ) -> Any:
+        """Restores a checkpoint, after this handler's pending saves to ``directory``.
+
+        Args:
+            directory: The checkpoint directory.
+            target: None returns the saved tree with its original types. A
+                :class:`~datarax_ckpt.Checkpointable` gets ``set_state`` and is
+                returned; a Flax NNX object is updated in place and returned; any other
+                pytree is rebuilt with the target's structure, each ``jax.Array`` leaf
+                giving the dtype and sharding to restore onto.
+            step: None restores the latest step (or the unversioned checkpoint when
+                there are no steps); an int restores exactly ``ckpt-<step>``.
+            metadata_only: Return only the metadata dict saved with the checkpoint.
+
+        Returns:
+            The restored state, the updated target, or the metadata dict.
+
+        Raises:
+            FileNotFoundError: if the directory, the step or any checkpoint is missing;
+                the message lists the available steps.
+            StructureMismatchError: (a ValueError) if ``target`` does not match.
+            CheckpointFormatError: (a ValueError) if the folder is not a datarax_ckpt
+                checkpoint or was written by a newer format version.
+        """
+        _validate.step(step)
+        _validate.flag("metadata_only", metadata_only)
+        path = epath.Path(directory)
+        handle = self._enter(path)
+        return handle.run(self._read, handle, target, step, metadata_only).result()
+
+    def _read(self, handle: _Directory, target, step, metadata_only) -> Any:
+        path = handle.path
+        if not path.is_dir():
+            raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
+        steps = _layout.committed_steps(path)
+        unversioned = path / _layout.UNVERSIONED
+        if step is None and not steps:
+            if not _layout.is_committed(unversioned):
+                raise CheckpointNotFoundError(
+                    f"No checkpoint in {path}: no committed ckpt-<step>/ folder and no "
+                    f"{_layout.UNVERSIONED}/ folder."
+                )
+            return self._read_items(handle, unversioned, None, target, metadata_only)
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint for step {step} in {path}. Available steps: "
+                f"{steps or 'none'}."
+            )
+        return self._read_items(handle, path / _layout.step_name(step), step, target, metadata_only)
+
+    def _read_items(self, handle, path, step, target, metadata_only) -> Any:
+        if step is None:
+            checkpointer = ocp.Checkpointer(
+                ocp.CompositeCheckpointHandler(**handle.item_handlers())
+            )
+
+            def read(**items):
+                return checkpointer.restore(path, args=ocp.args.Composite(**items))
+        else:
+            manager = handle.manager()
+            manager.reload()
+
+            def read(**items):
+                return manager.restore(step, args=ocp.args.Composite(**items))
+
+        if metadata_only:
+            return read(**{_layout.ITEM_METADATA: ocp.args.JsonRestore()})[_layout.ITEM_METADATA]
+        if not (path / _layout.ITEM_MANIFEST).exists():
+            serialization.check_manifest(None, str(path))
+        manifest = read(**{_layout.ITEM_MANIFEST: ocp.args.JsonRestore()})[_layout.ITEM_MANIFEST]
+        serialization.check_manifest(manifest, str(path))
+        plan = serialization.plan_restore(manifest, target)
+        loaded = {}
+        if plan.storage:
+            item, restore_args = {}, {}
+            for key, spec in plan.storage.items():
+                if spec.lib == "jax":
+                    item[key] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=spec.sharding)
+                    restore_args[key] = ocp.ArrayRestoreArgs(
+                        sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype
+                    )
+                else:
+                    item[key] = np.empty(spec.shape, spec.dtype)
+                    restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=spec.dtype)
+            loaded = read(
+                **{_layout.ITEM_STATE: ocp.args.PyTreeRestore(item, restore_args=restore_args)}
+            )[_layout.ITEM_STATE]
+        return plan.build(loaded)
+
+    # ------------------------------------------------------------------ listing
+
+    def get_checkpoint_steps(self, directory: PathLike) -> list[int]:
+        """Sorted steps committed in ``directory`` (after this handler's pending saves).
+
+        Returns an empty list for a missing directory.
+        """
+        path = epath.Path(directory)
+        self._enter(path).drain()
+        self._raise_errors()
+        return _layout.committed_steps(path)
+
+    def latest_step(self, directory: PathLike) -> int | None:
+        """The newest committed step in ``directory``, or None."""
+        steps = self.get_checkpoint_steps(directory)
+        return steps[-1] if steps else None
+
+    def list_checkpoints(self, directory: PathLike) -> dict[int, str]:
+        """``{step: folder path}`` of the committed steps in ``directory``."""
+        path = epath.Path(directory)
+        return {s: str(path / _layout.step_name(s)) for s in self.get_checkpoint_steps(path)}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("This OrbaxCheckpointHandler is closed; create a new one.")
+
+    def _directory(self, path: epath.Path) -> _Directory:
+        key = str(path.resolve()) if not str(path).startswith("gs://") else str(path)
+        handle = self._directories.get(key)
+        if handle is None:
+            handle = self._directories[key] = _Directory(path, self.options)
+        return handle
+
+    def _enter(self, path: epath.Path) -> _Directory:
+        with self._lock:
+            self._check_open()
+            self._raise_errors()
+            return self._directory(path)

@@ -1,0 +1,117 @@
+"""On-disk layout: ``ckpt-<step>/`` step folders, the unversioned ``checkpoint/``, backups."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+logger = logging.getLogger("datarax_ckpt")
+
+STEP_PREFIX = "ckpt-"
+UNVERSIONED = "checkpoint"
+BACKUP_SUFFIX = ".datarax-backup"
+_STEP_RE = re.compile(r"^ckpt-(0|[1-9]\d*)$")
+_BACKUP_RE = re.compile(rf"^(ckpt-(?:0|[1-9]\d*)|{UNVERSIONED}){re.escape(BACKUP_SUFFIX)}$")
+
+ITEM_STATE = "state"
+ITEM_MANIFEST = "manifest"
+ITEM_METADATA = "metadata"
+
+
+def step_name(step: int | None) -> str:
+    return UNVERSIONED if step is None else f"{STEP_PREFIX}{step}"
+
+
+def is_committed(path: epath.Path) -> bool:
+    """True when ``path`` is a finalized Orbax checkpoint folder."""
+    return path.is_dir() and ocp.step.is_path_finalized(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class CkptNameFormat(ocp.step.NameFormat):
+    """Orbax ``NameFormat`` naming steps ``ckpt-<step>`` (uncommitted folders ignored)."""
+
+    def build_name(self, step: int) -> str:
+        return step_name(step)
+
+    def _metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
+        match = _STEP_RE.match(path.name)
+        if match is None or not is_committed(path):
+            return None
+        return ocp.step.Metadata(step=int(match.group(1)), path=path)
+
+    def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.step.Metadata]:
+        base = epath.Path(base_path)
+        if not base.is_dir():
+            return iter([])
+        candidates = [p for p in base.iterdir() if _STEP_RE.match(p.name)]
+        return ocp.step.build_step_metadatas(candidates, self._metadata)
+
+    def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
+        metadata = self._metadata(epath.Path(base_path) / self.build_name(step))
+        if metadata is None:
+            raise ValueError(f"No committed {self.build_name(step)} under {base_path}.")
+        return metadata
+
+
+NAME_FORMAT = CkptNameFormat()
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+    """Sorted steps whose ``ckpt-<step>`` folder is committed."""
+    return sorted(m.step for m in NAME_FORMAT.find_all(directory))
+
+
+def backup_path(path: epath.Path) -> epath.Path:
+    return path.parent / f"{path.name}{BACKUP_SUFFIX}"
+
+
+def move_aside(path: epath.Path) -> epath.Path:
+    """Renames a committed checkpoint to its backup name (atomic on local disks)."""
+    backup = backup_path(path)
+    if backup.exists():
+        backup.rmtree()
+    path.rename(backup)
+    return backup
+
+
+def put_back(path: epath.Path, backup: epath.Path) -> None:
+    """Undoes :func:`move_aside` after a failed overwrite."""
+    if path.exists():
+        path.rmtree()
+    backup.rename(path)
+
+
+def remove_partial(directory: epath.Path, name: str) -> None:
+    """Removes Orbax temporary folders of ``name`` left by a failed save."""
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        if child.name.startswith(f"{name}.orbax-checkpoint-tmp"):
+            child.rmtree(missing_ok=True)
+
+
+def recover(directory: epath.Path) -> None:
+    """Finishes or undoes overwrites interrupted by a crash.
+
+    A backup whose checkpoint was not committed again is put back; a backup whose
+    replacement was committed is deleted.
+    """
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        match = _BACKUP_RE.match(child.name)
+        if match is None:
+            continue
+        original = directory / match.group(1)
+        remove_partial(directory, original.name)
+        if is_committed(original):
+            child.rmtree()
+        else:
+            logger.warning("Restoring %s from its backup after an interrupted overwrite.", original)
+            put_back(original, child)

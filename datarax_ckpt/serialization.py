@@ -1,0 +1,511 @@
+"""Exact encoding of JAX training states into arrays Orbax stores well, plus a type manifest.
+
+Orbax's ``StandardSave`` accepts only int, float, ``np.ndarray`` and ``jax.Array``
+leaves. This module turns any supported state into
+
+* a flat ``dict[str, array]`` that Orbax stores (small leaves packed into one buffer
+  per dtype, large or sharded leaves individually), and
+* a JSON *manifest* that records the tree (containers, exact dict keys, tuples vs
+  lists, ``None``), every leaf's kind (jax/numpy array, typed PRNG key and its impl,
+  ``str``, ``bytes``, Python scalar) and where each leaf's bytes are stored,
+
+and back, bit-exactly. No magic keys are injected into the user's tree: structure
+lives only in the manifest.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from datarax_ckpt import serialization
+    >>> state = {"w": jnp.arange(3.0), "name": "run-1", "step": 7, "key": jax.random.key(0)}
+    >>> arrays, manifest = serialization.serialize(state)
+    >>> back = serialization.deserialize(arrays, manifest)
+    >>> back["name"], back["step"], bool((back["w"] == state["w"]).all())
+    ('run-1', 7, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datarax_ckpt import _snapshot
+from datarax_ckpt._errors import CheckpointFormatError, StructureMismatchError
+from datarax_ckpt._typing import Checkpointable, PyTree
+from datarax_ckpt.options import DEFAULT_PACK_THRESHOLD_BYTES
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "RestorePlan",
+    "check_manifest",
+    "deserialize",
+    "plan_restore",
+    "serialize",
+]
+
+FORMAT_NAME = "datarax_ckpt"
+FORMAT_VERSION = 1  # major version: readers refuse a newer one.
+
+_SCALARS = {bool: "bool", int: "int", float: "float"}
+
+
+def _is_graph_node(x: Any) -> bool:
+    try:
+        from flax.nnx import graph
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return False
+    return graph.is_graph_node(x)
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _where(path: str) -> str:
+    return path or "<root>"
+
+
+def _flatten_one_level(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """Children of a registered pytree node with their key entries, and its treedef."""
+    return jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
+
+
+def _key_name(entry: Any) -> str | int:
+    for attr in ("name", "key", "idx"):
+        if hasattr(entry, attr):
+            value = getattr(entry, attr)
+            return value if isinstance(value, str | int) else str(value)
+    return str(entry)
+
+
+def _join(path: str, key: str | int, attr: bool = False) -> str:
+    return f"{path}.{key}" if attr else f"{path}[{key!r}]"
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.slots: list[_snapshot.Slot] = []
+
+    def _slot(self, value: Any, path: str) -> int:
+        self.slots.append(_snapshot.Slot(value=value, path=path))
+        return len(self.slots) - 1
+
+    def encode(self, x: Any, path: str) -> dict:
+        if isinstance(x, Checkpointable) and not isinstance(x, type):
+            cls = type(x)
+            return {
+                "t": "obj",
+                "type": f"{cls.__module__}.{cls.__qualname__}",
+                "c": self.encode(x.get_state(), f"{path}.get_state()"),
+            }
+        if _is_graph_node(x):
+            from flax import nnx
+
+            cls = type(x)
+            return {
+                "t": "nnx",
+                "type": f"{cls.__module__}.{cls.__qualname__}",
+                "c": self.encode(nnx.state(x).to_pure_dict(), path),
+            }
+        if x is None:
+            return {"t": "none"}
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError(
+                f"Leaf {_where(path)} is a JAX tracer ({type(x).__name__}): a state cannot be "
+                "saved from inside jax.jit/vmap/grad. Call save() outside the transformed function."
+            )
+        if isinstance(x, jax.Array):
+            if x.is_deleted():
+                raise ValueError(
+                    f"Leaf {_where(path)} is a deleted jax.Array (was it donated to a jitted "
+                    "function?). Save the state before donating it, or save the new state."
+                )
+            if _is_key(x):
+                impl = str(jax.random.key_impl(x))
+                return {"t": "key", "impl": impl, "s": self._slot(jax.random.key_data(x), path)}
+            return {"t": "array", "lib": "jax", "s": self._slot(x, path)}
+        if isinstance(x, np.ndarray):
+            if x.dtype.hasobject:
+                raise TypeError(
+                    f"Leaf {_where(path)} is a numpy array of dtype object, which cannot be "
+                    "stored exactly. Convert it to a numeric dtype, or to a list of str."
+                )
+            return {"t": "array", "lib": "numpy", "s": self._slot(x, path)}
+        if isinstance(x, np.generic):
+            return {"t": "array", "lib": "npscalar", "s": self._slot(np.asarray(x), path)}
+        if type(x) in _SCALARS:
+            return {"t": _SCALARS[type(x)], "v": x}
+        if type(x) is complex:
+            return {"t": "complex", "v": [x.real, x.imag]}
+        if type(x) is str:
+            data = np.frombuffer(x.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+            return {"t": "str", "s": self._slot(data, path)}
+        if type(x) is bytes:
+            return {"t": "bytes", "s": self._slot(np.frombuffer(x, dtype=np.uint8), path)}
+        if type(x) is dict:
+            keys, children = [], []
+            for key, value in x.items():
+                if type(key) not in (str, int):
+                    raise TypeError(
+                        f"Dict at {_where(path)} has a key {key!r} of type {type(key).__name__}; "
+                        "only str and int keys can be stored exactly. Convert the key to str."
+                    )
+                keys.append(key)
+                children.append(self.encode(value, _join(path, key)))
+            return {"t": "dict", "k": keys, "c": children}
+        if type(x) in (list, tuple):
+            return {
+                "t": type(x).__name__,
+                "c": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(x)],
+            }
+        children, treedef = _flatten_one_level(x)
+        if jax.tree_util.treedef_is_leaf(treedef):
+            raise TypeError(
+                f"Leaf {_where(path)} has unsupported type {type(x).__module__}."
+                f"{type(x).__qualname__}. Supported leaves: jax.Array (typed PRNG keys "
+                "included), np.ndarray, numpy scalars, bool, int, float, complex, str, bytes, "
+                "None; containers: dict, list, tuple, registered pytree nodes, Flax NNX "
+                "objects and Checkpointable objects (get_state/set_state)."
+            )
+        cls = type(x)
+        keys = [_key_name(entry[-1]) for entry, _ in children]
+        return {
+            "t": "node",
+            "type": f"{cls.__module__}.{cls.__qualname__}",
+            "k": keys,
+            "c": [
+                self.encode(child, _join(path, k, attr=isinstance(k, str)))
+                for k, (_, child) in zip(keys, children, strict=True)
+            ],
+        }
+
+
+def serialize(
+    tree: PyTree,
+    *,
+    pack_threshold_bytes: int = DEFAULT_PACK_THRESHOLD_BYTES,
+    snapshot: str = "auto",
+) -> tuple[dict[str, Any], dict]:
+    """Encodes a state into arrays for Orbax and a JSON manifest.
+
+    The returned arrays are private copies (or packed buffers): the caller may donate,
+    delete or mutate its own arrays as soon as this returns.
+
+    Args:
+        tree: The state: any nest of supported containers and leaves.
+        pack_threshold_bytes: Single-device leaves of at most this many bytes are packed
+            into one buffer per dtype; 0 disables packing.
+        snapshot: ``"auto"``, ``"device"`` or ``"host"``; see
+            :class:`~datarax_ckpt.CheckpointOptions`.
+
+    Returns:
+        ``(arrays, manifest)``: a flat ``dict`` of arrays for Orbax (possibly empty) and a
+        JSON-serializable manifest.
+
+    Raises:
+        TypeError: for an unsupported leaf or dict key, naming its path and type.
+        ValueError: for a deleted (donated) array.
+    """
+    encoder = _Encoder()
+    root = encoder.encode(tree, "")
+    arrays, slots, packs = _snapshot.capture(
+        encoder.slots, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot
+    )
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "tree": root,
+        "slots": slots,
+        "packs": packs,
+    }
+    return arrays, manifest
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclasses.dataclass
+class _LeafRequest:
+    """How one stored slot must be materialized."""
+
+    lib: str  # "jax", "numpy" or "npscalar"
+    dtype: Any
+    shape: tuple[int, ...]
+    sharding: Any = None
+
+
+@dataclasses.dataclass
+class RestorePlan:
+    """What to read from storage, and how to rebuild the tree from it.
+
+    Attributes:
+        storage: ``{stored key: restore spec}`` for :func:`_snapshot.read_specs`.
+        build: Turns ``{stored key: loaded array}`` into the restored tree.
+    """
+
+    storage: dict[str, _snapshot.StoredSpec]
+    build: Callable[[Mapping[str, Any]], PyTree]
+
+
+def check_manifest(manifest: Any, where: str = "checkpoint") -> None:
+    """Raises CheckpointFormatError unless ``manifest`` is one this version can read."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointFormatError(
+            f"{where} has no datarax_ckpt manifest: it was not written by datarax_ckpt "
+            "(a raw Orbax checkpoint can be read with orbax.checkpoint directly)."
+        )
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{where} was written in datarax_ckpt format version {version!r}; this "
+            f"datarax_ckpt reads versions <= {FORMAT_VERSION}. Upgrade datarax_ckpt."
+        )
+
+
+def plan_restore(manifest: dict, target: PyTree = None) -> RestorePlan:
+    """Matches a manifest against an optional target and plans the restore.
+
+    Args:
+        manifest: A manifest written by :func:`serialize`.
+        target: None to restore the original types; otherwise a tree whose structure
+            must match the checkpoint, whose array leaves give the dtype and sharding to
+            restore onto, and whose NNX / Checkpointable objects are updated in place.
+
+    Returns:
+        A :class:`RestorePlan`.
+
+    Raises:
+        CheckpointFormatError: if the manifest is not readable by this version.
+        StructureMismatchError: if ``target`` does not match, naming the path, the
+            expected and the found.
+    """
+    check_manifest(manifest)
+    planner = _Planner(manifest)
+    builder = planner.plan(manifest["tree"], target, "", use_target=target is not None)
+    storage, materialize = _snapshot.read_specs(manifest, planner.requests)
+
+    def build(loaded: Mapping[str, Any]) -> PyTree:
+        return builder(materialize(loaded))
+
+    return RestorePlan(storage=storage, build=build)
+
+
+def deserialize(arrays: Mapping[str, Any], manifest: dict, target: PyTree = None) -> PyTree:
+    """Inverse of :func:`serialize` for arrays already in memory.
+
+    Args:
+        arrays: The arrays returned by :func:`serialize` (or read back from storage).
+        manifest: The manifest returned by :func:`serialize`.
+        target: Optional target; see :func:`plan_restore`.
+
+    Returns:
+        The restored tree.
+    """
+    return plan_restore(manifest, target).build(arrays)
+
+
+_Builder = Callable[[list], Any]
+
+
+class _Planner:
+    def __init__(self, manifest: dict) -> None:
+        self.slots = manifest["slots"]
+        self.requests: dict[int, _LeafRequest] = {}
+
+    def _mismatch(self, path: str, expected: str, found: str) -> StructureMismatchError:
+        return StructureMismatchError(
+            f"Restore target does not match the checkpoint at {_where(path)}: the target "
+            f"has {expected}, the checkpoint has {found}. Pass a target with the saved "
+            "structure, or target=None to get the saved tree back."
+        )
+
+    def plan(self, node: dict, target: Any, path: str, *, use_target: bool) -> _Builder:
+        kind = node["t"]
+        if use_target and isinstance(target, Checkpointable) and not isinstance(target, type):
+            if kind != "obj":
+                raise self._mismatch(path, f"a Checkpointable {type(target).__name__}", kind)
+            inner = self.plan(node["c"], None, path, use_target=False)
+
+            def build_obj(values: list) -> Any:
+                target.set_state(inner(values))
+                return target
+
+            return build_obj
+        if use_target and _is_graph_node(target):
+            from flax import nnx
+
+            if kind != "nnx":
+                raise self._mismatch(path, f"a Flax NNX {type(target).__name__}", kind)
+            state = nnx.state(target)
+            inner = self.plan(node["c"], state.to_pure_dict(), path, use_target=True)
+
+            def build_nnx(values: list) -> Any:
+                nnx.replace_by_pure_dict(state, inner(values))
+                nnx.update(target, state)
+                return target
+
+            return build_nnx
+        if kind in ("obj", "nnx"):
+            if use_target:
+                raise self._mismatch(path, type(target).__name__, f"a saved {node['type']}")
+            return self.plan(node["c"], None, path, use_target=False)
+        if kind == "dict":
+            return self._plan_dict(node, target, path, use_target)
+        if kind in ("list", "tuple"):
+            return self._plan_sequence(node, target, path, use_target)
+        if kind == "node":
+            return self._plan_node(node, target, path, use_target)
+        return self._plan_leaf(node, target, path, use_target)
+
+    def _plan_dict(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
+        keys = node["k"]
+        if use_target:
+            if type(target) is not dict:
+                raise self._mismatch(path, type(target).__name__, "a dict")
+            missing = [k for k in target if k not in keys]
+            extra = [k for k in keys if k not in target]
+            if missing or extra:
+                raise self._mismatch(
+                    path,
+                    f"dict keys {list(target)}",
+                    f"keys {keys} (missing from checkpoint: {missing}, not in target: {extra})",
+                )
+            order = list(target)
+        else:
+            order = keys
+        by_key = dict(zip(keys, node["c"], strict=True))
+        children = [
+            (
+                k,
+                self.plan(
+                    by_key[k],
+                    target[k] if use_target else None,
+                    _join(path, k),
+                    use_target=use_target,
+                ),
+            )
+            for k in order
+        ]
+        return lambda values: {k: child(values) for k, child in children}
+
+    def _plan_sequence(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
+        kind, saved = node["t"], node["c"]
+        if use_target and (type(target).__name__ != kind or type(target) not in (list, tuple)):
+            raise self._mismatch(path, type(target).__name__, f"a {kind}")
+        if use_target and len(target) != len(saved):
+            raise self._mismatch(
+                path, f"a {kind} of length {len(target)}", f"a {kind} of length {len(saved)}"
+            )
+        children = [
+            self.plan(c, target[i] if use_target else None, f"{path}[{i}]", use_target=use_target)
+            for i, c in enumerate(saved)
+        ]
+        container = tuple if kind == "tuple" else list
+        return lambda values: container(child(values) for child in children)
+
+    def _plan_node(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
+        keys = node["k"]
+        if not use_target:
+            children = [
+                (k, self.plan(c, None, _join(path, k, attr=isinstance(k, str)), use_target=False))
+                for k, c in zip(keys, node["c"], strict=True)
+            ]
+            return lambda values: {k: child(values) for k, child in children}
+        flat, treedef = _flatten_one_level(target)
+        target_keys = [_key_name(entry[-1]) for entry, _ in flat]
+        if jax.tree_util.treedef_is_leaf(treedef) or target_keys != keys:
+            raise self._mismatch(
+                path,
+                f"{type(target).__name__} with children {target_keys}",
+                f"a {node['type']} with children {keys}",
+            )
+        children = [
+            self.plan(c, child, _join(path, k, attr=isinstance(k, str)), use_target=True)
+            for k, c, (_, child) in zip(keys, node["c"], flat, strict=True)
+        ]
+        return lambda values: jax.tree_util.tree_unflatten(
+            treedef, [child(values) for child in children]
+        )
+
+    def _plan_leaf(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
+        kind = node["t"]
+        if kind == "none":
+            if use_target and target is not None:
+                raise self._mismatch(path, type(target).__name__, "None")
+            return lambda values: None
+        if kind in ("bool", "int", "float", "complex"):
+            if (
+                use_target
+                and type(target)
+                is not {"bool": bool, "int": int, "float": float, "complex": complex}[kind]
+            ):
+                raise self._mismatch(path, type(target).__name__, f"a Python {kind}")
+            value = complex(*node["v"]) if kind == "complex" else node["v"]
+            return lambda values: value
+        if kind in ("str", "bytes"):
+            if use_target and type(target).__name__ != kind:
+                raise self._mismatch(path, type(target).__name__, f"a {kind}")
+            slot = node["s"]
+            self.requests[slot] = _LeafRequest("numpy", np.dtype(np.uint8), self._shape(slot))
+            if kind == "str":
+                return lambda values: values[slot].tobytes().decode("utf-8", "surrogatepass")
+            return lambda values: values[slot].tobytes()
+        if kind == "key":
+            return self._plan_key(node, target, path, use_target)
+        if kind == "array":
+            return self._plan_array(node, target, path, use_target)
+        raise CheckpointFormatError(f"Unknown leaf kind {kind!r} at {_where(path)} in manifest.")
+
+    def _shape(self, slot: int) -> tuple[int, ...]:
+        return tuple(self.slots[slot]["shape"])
+
+    def _plan_key(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
+        slot, impl = node["s"], node["impl"]
+        data_shape = self._shape(slot)
+        sharding = None
+        if use_target:
+            if not _is_key(target):
+                raise self._mismatch(path, type(target).__name__, f"a PRNG key ({impl})")
+            target_impl = str(jax.random.key_impl(target))
+            if target_impl != impl or target.shape != data_shape[:-1]:
+                raise self._mismatch(
+                    path,
+                    f"a {target_impl} key of shape {target.shape}",
+                    f"a {impl} key of shape {data_shape[:-1]}",
+                )
+            sharding = jax.random.key_data(target).sharding
+        self.requests[slot] = _LeafRequest("jax", np.dtype(np.uint32), data_shape, sharding)
+        return lambda values: jax.random.wrap_key_data(values[slot], impl=impl)
+
+    def _plan_array(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
+        slot = node["s"]
+        saved_dtype = jnp.dtype(self.slots[slot]["dtype"])
+        shape = self._shape(slot)
+        lib, dtype, sharding = node["lib"], saved_dtype, None
+        if use_target:
+            if _is_key(target) or not isinstance(
+                target, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic
+            ):
+                raise self._mismatch(
+                    path, type(target).__name__, f"an array {saved_dtype.name}{list(shape)}"
+                )
+            if tuple(target.shape) != shape:
+                raise self._mismatch(
+                    path, f"shape {tuple(target.shape)}", f"shape {shape} ({saved_dtype.name})"
+                )
+            dtype = jnp.dtype(target.dtype)
+            if isinstance(target, np.generic):
+                lib = "npscalar"
+            elif isinstance(target, np.ndarray):
+                lib = "numpy"
+            else:
+                lib, sharding = "jax", getattr(target, "sharding", None)
+        self.requests[slot] = _LeafRequest(lib, dtype, shape, sharding)
+        return lambda values: values[slot]
