@@ -5,6 +5,7 @@ from datarax_ckpt._errors import CheckpointError as CheckpointError
 from datarax_ckpt._errors import CheckpointExistsError as CheckpointExistsError
 from datarax_ckpt._errors import CheckpointFormatError as CheckpointFormatError
 from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
 from datarax_ckpt._typing import Checkpointable as Checkpointable
@@ -23,6 +24,7 @@ __all__ = [
     "Checkpointable",
     "OrbaxCheckpointHandler",
     "PathLike",
+    "ProcessMismatchError",
     "PyTree",
     "StructureMismatchError",
     "serialization",

@@ -21,3 +21,7 @@ class CheckpointFormatError(CheckpointError, ValueError):
 
 class StructureMismatchError(CheckpointError, ValueError):
     """A restore target does not match what the checkpoint holds (path, shape, dtype, kind)."""
+
+
+class ProcessMismatchError(CheckpointError, ValueError):
+    """In a multi-process save, the processes passed different non-array data."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import dataclasses
 import logging
 import threading
+import weakref
 from typing import Any
 
 import jax
@@ -14,12 +16,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _layout, _snapshot, _validate, serialization
+from datarax_ckpt import _layout, _multihost, _snapshot, _validate, serialization
 from datarax_ckpt._errors import CheckpointExistsError, CheckpointNotFoundError
 from datarax_ckpt._typing import PathLike, PyTree
 from datarax_ckpt.options import CheckpointOptions
 
 logger = logging.getLogger("datarax_ckpt")
+
+# Orbax keeps process-global state for async saves (operation ids and the signals that
+# order directory creation before writes): two CheckpointManagers saving at once from two
+# threads write into folders that do not exist yet. Every Orbax call of every handler in
+# this process therefore runs under this lock; per-directory order is kept by the workers.
+_ORBAX_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -46,6 +54,7 @@ class _Directory:
         self.pending: collections.deque[_Pending] = collections.deque()
         self.policy = ocp.checkpoint_managers.LatestN(n=None)
         self._manager: ocp.CheckpointManager | None = None
+        self.coordinator = _multihost.Coordinator(str(path))
 
     def item_handlers(self) -> dict[str, Any]:
         return {
@@ -59,8 +68,9 @@ class _Directory:
     def manager(self) -> ocp.CheckpointManager:
         """The directory's CheckpointManager (worker thread only); created on first use."""
         if self._manager is None:
-            if jax.process_index() == 0:
+            if _multihost.is_primary():
                 _layout.recover(self.path)
+            self.coordinator.barrier("recovered")  # the others wait for process 0's repairs
             self._manager = ocp.CheckpointManager(
                 self.path,
                 options=ocp.CheckpointManagerOptions(
@@ -72,10 +82,13 @@ class _Directory:
                 ),
                 item_handlers=self.item_handlers(),
             )
+            # Orbax removes stale temporary folders in the background; finish that now so
+            # it cannot race the unversioned checkpoint, which is written beside the steps.
+            getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         return self._manager
 
     def run(self, fn, *args) -> concurrent.futures.Future:
-        return self.worker.submit(fn, *args)
+        return self.worker.submit(_locked, fn, *args)
 
     def drain(self) -> None:
         """Waits until every job queued so far has finished (errors are reported elsewhere)."""
@@ -84,9 +97,30 @@ class _Directory:
     def close(self) -> None:
         try:
             if self._manager is not None:
-                self.worker.submit(self._manager.close).result()
+                self.run(self._manager.close).result()
         finally:
             self.worker.shutdown(wait=True)
+
+
+_LIVE_HANDLERS: weakref.WeakSet[OrbaxCheckpointHandler] = weakref.WeakSet()
+
+
+def _finish_pending_saves_at_exit() -> None:
+    # Runs before concurrent.futures stops accepting work at interpreter exit (Orbax
+    # needs its executors to finish a save), so pending saves commit instead of vanishing.
+    for handler in list(_LIVE_HANDLERS):
+        try:
+            handler.close()
+        except Exception:  # noqa: BLE001 - nothing left to raise to at exit
+            logger.exception("A pending checkpoint failed while the process was exiting")
+
+
+getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves_at_exit)
+
+
+def _locked(fn, *args):
+    with _ORBAX_LOCK:
+        return fn(*args)
 
 
 class OrbaxCheckpointHandler:
@@ -99,14 +133,17 @@ class OrbaxCheckpointHandler:
     per-directory worker thread.
 
     Concurrency contract: thread-safe. Calls from several threads are serialized per
-    directory in the order they acquire the handler; saves to different directories
-    are written concurrently. Multi-process-safe when every process makes the same
-    calls (Orbax coordinates through ``jax.distributed``). NOT safe for two handlers
+    directory in the order they acquire the handler. Writes to different directories
+    (and of different handlers) run one at a time, because Orbax's asynchronous save
+    machinery is not safe to run twice at once in one process. Multi-process-safe
+    when every process makes the same calls (Orbax coordinates through
+    ``jax.distributed``). NOT safe for two handlers
     (or two jobs) writing to the same directory at once.
 
     Errors of background writes are never swallowed: they are raised, with the step
     and directory noted, by the next call on this handler, by
-    :meth:`wait_until_finished` or by :meth:`close`.
+    :meth:`wait_until_finished` or by :meth:`close`. Saves still pending when the
+    interpreter exits are completed before it exits.
 
     Args:
         options: A :class:`~datarax_ckpt.CheckpointOptions`; defaults if None.
@@ -137,6 +174,7 @@ class OrbaxCheckpointHandler:
         self._directories: dict[str, _Directory] = {}
         self._errors: list[BaseException] = []
         self._closed = False
+        _LIVE_HANDLERS.add(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -232,20 +270,30 @@ class OrbaxCheckpointHandler:
             self._check_open()
             self._raise_errors()
             handle = self._directory(path)
-            with self._state:
-                queued = any(p.name == name for p in handle.pending)
-            if not overwrite and (queued or (path / name).exists()):
-                raise CheckpointExistsError(
-                    f"{path / name} already exists. Pass overwrite=True to replace it, or "
-                    "save under a new step."
+            try:
+                with self._state:
+                    queued = any(p.name == name for p in handle.pending)
+                if not overwrite and (queued or (path / name).exists()):
+                    raise CheckpointExistsError(
+                        f"{path / name} already exists. Pass overwrite=True to replace it, or "
+                        "save under a new step."
+                    )
+                arrays, manifest = serialization.serialize(
+                    target,
+                    pack_threshold_bytes=self.options.pack_threshold_bytes,
+                    snapshot=self.options.snapshot,
                 )
-            arrays, manifest = serialization.serialize(
-                target,
-                pack_threshold_bytes=self.options.pack_threshold_bytes,
-                snapshot=self.options.snapshot,
+                nbytes = _snapshot.nbytes(arrays)
+                room = self._make_room(handle, nbytes)
+            except Exception as e:
+                handle.coordinator.report_failure(e)  # multi-process: the others raise too
+                raise
+            # Multi-process: process 0 writes the non-array data for all, so check it is
+            # equal everywhere; if any process skips (backpressure), all skip.
+            room = handle.coordinator.agree_to_save(
+                arrays, manifest, metadata, [name, keep, overwrite], room
             )
-            nbytes = _snapshot.nbytes(arrays)
-            if not self._make_room(handle, nbytes):
+            if not room:
                 logger.warning(
                     "Skipped the save of %s: %d saves are still being written "
                     "(CheckpointOptions.on_backpressure='skip').",
@@ -309,8 +357,14 @@ class OrbaxCheckpointHandler:
             raise errors[0]
 
     def _write(self, handle, step, arrays, manifest, metadata, keep, overwrite) -> None:
-        """Worker thread: writes one checkpoint through Orbax and waits until committed."""
-        handle.path.mkdir(parents=True, exist_ok=True)
+        """Worker thread: writes one checkpoint through Orbax and waits until committed.
+
+        In a multi-process run only process 0 creates, moves and deletes folders; the
+        others wait at barriers, so nobody races it.
+        """
+        primary = _multihost.is_primary()
+        if primary:
+            handle.path.mkdir(parents=True, exist_ok=True)
         args = {
             _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
             _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
@@ -321,12 +375,15 @@ class OrbaxCheckpointHandler:
         manager = handle.manager()
         path = handle.path / _layout.step_name(step)
         backup = None
-        if _layout.is_committed(path):
+        committed = _layout.is_committed(path)
+        handle.coordinator.barrier("checked")  # every process looked before anything moves
+        if committed:
             if not overwrite:
                 raise CheckpointExistsError(
                     f"{path} was created by someone else while this save was queued."
                 )
-            backup = _layout.move_aside(path)
+            backup = _layout.move_aside(path) if primary else _layout.backup_path(path)
+            handle.coordinator.barrier("moved-aside")
         try:
             if step is None:
                 checkpointer = ocp.Checkpointer(
@@ -343,14 +400,16 @@ class OrbaxCheckpointHandler:
                 manager.save(step, args=args, force=True)
                 manager.wait_until_finished()
         except BaseException:
-            _layout.remove_partial(handle.path, path.name)
-            if backup is not None:
-                _layout.put_back(path, backup)
+            if primary:
+                _layout.remove_partial(handle.path, path.name)
+                if backup is not None:
+                    _layout.put_back(path, backup)
             if step is not None:
                 manager.reload()
             raise
-        if backup is not None:
+        if backup is not None and primary:
             backup.rmtree()
+        handle.coordinator.barrier("committed")  # listing on any process now sees it
 
     # ------------------------------------------------------------------ restoring
 
@@ -395,6 +454,7 @@ class OrbaxCheckpointHandler:
         path = handle.path
         if not path.is_dir():
             raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
+        handle.manager()  # first use: finish interrupted overwrites before listing
         steps = _layout.committed_steps(path)
         unversioned = path / _layout.UNVERSIONED
         if step is None and not steps:

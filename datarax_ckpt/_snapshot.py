@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datarax_ckpt import _multihost
+
 
 @dataclasses.dataclass
 class Slot:
@@ -76,6 +78,7 @@ def capture(
     jax_buckets: dict[tuple, tuple[dict[str, list[int]], list[int]]] = {}
     np_groups: dict[str, list[int]] = {}
     np_large: list[int] = []
+    multiprocess = jax.process_count() > 1
     for i, slot in enumerate(slots):
         value = slot.value
         dtype = jnp.dtype(value.dtype)
@@ -84,6 +87,14 @@ def capture(
             table[i]["empty"] = True
             continue
         small = value.size * dtype.itemsize <= pack_threshold_bytes
+        if multiprocess and isinstance(value, jax.Array):
+            if value.is_fully_addressable:
+                # Host-local in a multi-process run (Orbax refuses these): stored like a
+                # numpy array, written once by process 0; the handler checks that every
+                # process holds the same value (_multihost.Coordinator.agree_to_save).
+                value = slot.value = np.asarray(value)
+            else:
+                table[i]["global"] = True  # restoring it in multi-process needs a target
         if isinstance(value, jax.Array):
             devices = value.sharding.device_set
             packable = small and value.is_fully_addressable and len(devices) == 1
@@ -170,6 +181,9 @@ def read_specs(
             storage[pack["key"]] = StoredSpec("numpy", (pack["size"],), jnp.dtype(pack["dtype"]))
         elif "key" in entry:
             lib = "jax" if req.lib == "jax" else "numpy"
+            if lib == "jax" and req.sharding is None and entry.get("global"):
+                if jax.process_count() > 1:
+                    raise _multihost.missing_target_error(manifest, slot)
             sharding = (req.sharding or default) if lib == "jax" else None
             storage[entry["key"]] = StoredSpec(lib, tuple(entry["shape"]), req.dtype, sharding)
 

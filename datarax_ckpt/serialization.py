@@ -165,8 +165,8 @@ class _Encoder:
                 "t": type(x).__name__,
                 "c": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(x)],
             }
-        children, treedef = _flatten_one_level(x)
-        if jax.tree_util.treedef_is_leaf(treedef):
+        children, _ = _flatten_one_level(x)
+        if len(children) == 1 and children[0][1] is x:  # not a registered pytree node
             raise TypeError(
                 f"Leaf {_where(path)} has unsupported type {type(x).__module__}."
                 f"{type(x).__qualname__}. Supported leaves: jax.Array (typed PRNG keys "
@@ -420,7 +420,7 @@ class _Planner:
             return lambda values: {k: child(values) for k, child in children}
         flat, treedef = _flatten_one_level(target)
         target_keys = [_key_name(entry[-1]) for entry, _ in flat]
-        if jax.tree_util.treedef_is_leaf(treedef) or target_keys != keys:
+        if (len(flat) == 1 and flat[0][1] is target) or target_keys != keys:
             raise self._mismatch(
                 path,
                 f"{type(target).__name__} with children {target_keys}",

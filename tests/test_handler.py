@@ -1,0 +1,549 @@
+"""OrbaxCheckpointHandler: versioning, retention, metadata, overwrite, restore, targets, faults."""
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from datarax_ckpt import (
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    OrbaxCheckpointHandler,
+    StructureMismatchError,
+)
+
+Pair = collections.namedtuple("Pair", "first second")
+
+
+def make_state(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {
+            "w": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(32), jnp.bfloat16),
+        },
+        "big": jnp.asarray(rng.standard_normal(400_000), jnp.float32),  # stored unpacked
+        "step": int(seed),
+        "rng": jax.random.key(seed),
+        "run": f"run-{seed} ✓",
+        "history": (1.5, None, [b"raw"]),
+    }
+
+
+def assert_same(a, b):
+    a_leaves, a_def = jax.tree.flatten(a, is_leaf=lambda x: isinstance(x, str | bytes))
+    b_leaves, b_def = jax.tree.flatten(b, is_leaf=lambda x: isinstance(x, str | bytes))
+    assert a_def == b_def
+    for x, y in zip(a_leaves, b_leaves, strict=True):
+        assert type(x) is type(y)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        if isinstance(x, jax.Array | np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        else:
+            assert x == y
+
+
+def listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture
+def handler():
+    with OrbaxCheckpointHandler() as h:
+        yield h
+
+
+# ------------------------------------------------------------------ saving and layout
+
+
+def test_save_returns_the_folder_and_restore_gets_exact_state(handler, tmp_path):
+    state = make_state(3)
+    assert handler.save(tmp_path, state, step=3) == str(tmp_path / "ckpt-3")
+    assert handler.save(tmp_path, state) == str(tmp_path / "checkpoint")
+    assert_same(handler.restore(tmp_path), state)
+    assert_same(handler.restore(tmp_path, step=3), state)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-3"]
+
+
+def test_unversioned_checkpoint_is_restored_when_there_are_no_steps(handler, tmp_path):
+    handler.save(tmp_path, {"a": 1})
+    assert handler.restore(tmp_path) == {"a": 1}
+    assert handler.get_checkpoint_steps(tmp_path) == []
+    assert handler.latest_step(tmp_path) is None
+
+
+def test_keep_retention_with_async_saves_leaves_newest_and_no_temporaries(handler, tmp_path):
+    handler.save(tmp_path, {"x": jnp.ones(3)})  # unversioned: never deleted by retention
+    for step in range(1, 6):
+        handler.save(tmp_path, make_state(step), step=step, keep=2)
+    handler.wait_until_finished()
+    assert handler.get_checkpoint_steps(tmp_path) == [4, 5]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-4", "ckpt-5"]
+    assert handler.list_checkpoints(tmp_path) == {
+        4: str(tmp_path / "ckpt-4"),
+        5: str(tmp_path / "ckpt-5"),
+    }
+    assert_same(handler.restore(tmp_path, step=4), make_state(4))
+
+
+def test_keep_none_keeps_everything(handler, tmp_path):
+    for step in range(4):
+        handler.save(tmp_path, {"s": step}, step=step)
+    assert handler.get_checkpoint_steps(tmp_path) == [0, 1, 2, 3]
+    assert handler.latest_step(tmp_path) == 3
+
+
+def test_steps_are_managed_by_one_orbax_manager_per_directory(handler, tmp_path):
+    handler.save(tmp_path / "a", {"s": 1}, step=1)
+    handler.save(tmp_path / "b", {"s": 1}, step=1)
+    handler.save(tmp_path / "a", {"s": 2}, step=2)
+    handler.wait_until_finished()
+    managers = {k: d._manager for k, d in handler._directories.items()}
+    assert len(managers) == 2
+    assert all(isinstance(m, ocp.CheckpointManager) for m in managers.values())
+    # A raw Orbax manager with the same name format sees our steps.
+    from datarax_ckpt._layout import NAME_FORMAT
+
+    raw = ocp.CheckpointManager(
+        tmp_path / "a", options=ocp.CheckpointManagerOptions(step_name_format=NAME_FORMAT)
+    )
+    assert list(raw.all_steps()) == [1, 2]
+    raw.close()
+
+
+def test_sync_mode_commits_before_returning(tmp_path):
+    with OrbaxCheckpointHandler(async_save=False) as h:
+        h.save(tmp_path, {"w": jnp.ones(4)}, step=0)
+        assert (tmp_path / "ckpt-0").is_dir()
+        assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def test_back_to_back_saves_all_commit(handler, tmp_path):
+    states = [make_state(s) for s in range(6)]
+    for step, state in enumerate(states):
+        handler.save(tmp_path, state, step=step)
+    for step, state in enumerate(states):
+        assert_same(handler.restore(tmp_path, step=step), state)
+
+
+# ------------------------------------------------------------------ metadata
+
+
+def test_metadata_is_separate_and_exact(handler, tmp_path):
+    meta = {"lr": 3e-4, "epoch": 2, "name": "run", "ok": True, "none": None, "list": [1, "a"]}
+    state = {"w": jnp.ones(2)}
+    handler.save(tmp_path, state, step=1, metadata=meta)
+    restored_meta = handler.restore(tmp_path, step=1, metadata_only=True)
+    assert restored_meta == meta and type(restored_meta["epoch"]) is int
+    assert_same(handler.restore(tmp_path, step=1), state)  # not mixed into the state
+
+
+def test_metadata_only_does_not_read_the_state(handler, tmp_path):
+    handler.save(tmp_path, {"w": jnp.ones(100_000)}, step=1, metadata={"k": 1})
+    handler.wait_until_finished()
+    for child in (tmp_path / "ckpt-1" / "state").rglob("*"):
+        if child.is_file():
+            child.write_bytes(b"garbage")
+    assert handler.restore(tmp_path, step=1, metadata_only=True) == {"k": 1}
+
+
+def test_metadata_defaults_to_empty_dict(handler, tmp_path):
+    handler.save(tmp_path, {"a": 1}, step=1)
+    assert handler.restore(tmp_path, metadata_only=True) == {}
+
+
+@pytest.mark.parametrize(
+    "meta, error, match",
+    [
+        ({"a": object()}, TypeError, r"metadata\['a'\] is a object"),
+        ({1: "x"}, TypeError, "JSON object keys must be str"),
+        ({"t": (1, 2)}, TypeError, "use a list"),
+        ({"x": float("nan")}, ValueError, "no NaN"),
+        ([1], TypeError, "metadata must be a dict"),
+    ],
+)
+def test_bad_metadata_is_rejected_before_disk(handler, tmp_path, meta, error, match):
+    with pytest.raises(error, match=match):
+        handler.save(tmp_path / "d", {"a": 1}, step=1, metadata=meta)
+    assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------ overwrite
+
+
+def test_existing_step_raises_and_changes_nothing(handler, tmp_path):
+    handler.save(tmp_path, {"v": 1}, step=1)
+    handler.save(tmp_path, {"v": 1})
+    handler.wait_until_finished()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        handler.save(tmp_path, {"v": 2}, step=1)
+    with pytest.raises(CheckpointExistsError):
+        handler.save(tmp_path, {"v": 2})
+    handler.wait_until_finished()
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_a_step_still_queued_counts_as_existing(handler, tmp_path):
+    handler.save(tmp_path, make_state(), step=7)
+    with pytest.raises(FileExistsError):
+        handler.save(tmp_path, make_state(), step=7)
+
+
+@pytest.mark.parametrize("step", [None, 4])
+def test_overwrite_replaces(handler, tmp_path, step):
+    handler.save(tmp_path, {"v": 1}, step=step)
+    handler.save(tmp_path, {"v": 2, "s": "new"}, step=step, overwrite=True)
+    assert handler.restore(tmp_path, step=step) == {"v": 2, "s": "new"}
+    assert not [p for p in os.listdir(tmp_path) if "backup" in p or "tmp" in p]
+
+
+@pytest.mark.parametrize("step", [None, 4])
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch, step):
+    with OrbaxCheckpointHandler() as h:
+        h.save(tmp_path, {"v": 1}, step=step, metadata={"m": 1})
+        h.wait_until_finished()
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", fail)
+    monkeypatch.setattr(ocp.Checkpointer, "save", fail)
+    h = OrbaxCheckpointHandler()
+    h.save(tmp_path, {"v": 2}, step=step, overwrite=True)
+    with pytest.raises(OSError, match="No space left"):
+        h.wait_until_finished()
+    assert h.restore(tmp_path, step=step) == {"v": 1}
+    assert h.restore(tmp_path, step=step, metadata_only=True) == {"m": 1}
+    assert not [p for p in os.listdir(tmp_path) if "backup" in p or "tmp" in p]
+    h.close()
+
+
+# ------------------------------------------------------------------ restore
+
+
+def test_missing_step_lists_available_steps(handler, tmp_path):
+    for step in (2, 5):
+        handler.save(tmp_path, {"s": step}, step=step)
+    with pytest.raises(FileNotFoundError, match=r"step 3 .*Available steps: \[2, 5\]"):
+        handler.restore(tmp_path, step=3)
+
+
+def test_missing_or_empty_directory_raises(handler, tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        handler.restore(tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(FileNotFoundError, match="No checkpoint in"):
+        handler.restore(tmp_path)
+    assert handler.get_checkpoint_steps(tmp_path / "nope") == []
+
+
+def test_a_raw_orbax_folder_is_not_a_datarax_checkpoint(handler, tmp_path):
+    from datarax_ckpt._layout import NAME_FORMAT
+
+    raw = ocp.CheckpointManager(
+        tmp_path, options=ocp.CheckpointManagerOptions(step_name_format=NAME_FORMAT)
+    )
+    raw.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": np.ones(2)})))
+    raw.close()
+    with pytest.raises(CheckpointFormatError, match="not written by datarax_ckpt"):
+        handler.restore(tmp_path, step=1)
+
+
+def test_restore_into_pytree_target_keeps_structure_dtype_and_sharding(handler, tmp_path):
+    state = {"opt": Pair(jnp.arange(8.0), None), "n": 3}
+    handler.save(tmp_path, state, step=1)
+    mesh = jax.make_mesh((4,), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    target = {"opt": Pair(jax.device_put(jnp.zeros(8, jnp.bfloat16), sharding), None), "n": 0}
+    restored = handler.restore(tmp_path, target)
+    assert isinstance(restored["opt"], Pair) and restored["n"] == 3
+    assert restored["opt"].first.dtype == jnp.bfloat16
+    assert restored["opt"].first.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(restored["opt"].first, np.float32), np.arange(8.0))
+
+
+def test_sharded_arrays_round_trip(handler, tmp_path):
+    mesh = jax.make_mesh((2, 2), ("a", "b"))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b"))
+    x = jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding)
+    handler.save(tmp_path, {"x": x}, step=0)
+    restored = handler.restore(tmp_path, {"x": x})["x"]
+    assert restored.sharding == sharding
+    np.testing.assert_array_equal(restored, x)
+
+
+def test_wrong_target_raises_naming_the_path(handler, tmp_path):
+    handler.save(tmp_path, {"w": jnp.ones(3)}, step=1)
+    with pytest.raises(StructureMismatchError, match=r"\['w'\].*shape \(5,\)"):
+        handler.restore(tmp_path, {"w": jnp.ones(5)})
+
+
+class Iterator:
+    """A data-pipeline iterator with get_state/set_state (the Checkpointable protocol)."""
+
+    def __init__(self):
+        self.position, self.epoch, self.seed_key = 0, 0, jax.random.key(0)
+
+    def get_state(self):
+        return {"position": self.position, "epoch": self.epoch, "key": self.seed_key}
+
+    def set_state(self, state):
+        self.position, self.epoch, self.seed_key = state["position"], state["epoch"], state["key"]
+
+
+def test_checkpointable_target_gets_set_state(handler, tmp_path):
+    it = Iterator()
+    it.position, it.epoch, it.seed_key = 1234, 3, jax.random.key(9)
+    handler.save(tmp_path, {"pipeline": it, "step": 10}, step=10)
+    fresh = Iterator()
+    restored = handler.restore(tmp_path, {"pipeline": fresh, "step": 0})
+    assert restored["pipeline"] is fresh and restored["step"] == 10
+    assert (fresh.position, fresh.epoch) == (1234, 3)
+    assert (jax.random.key_data(fresh.seed_key) == jax.random.key_data(it.seed_key)).all()
+    top = Iterator()
+    assert handler.save(tmp_path, it, step=11)
+    assert handler.restore(tmp_path, top, step=11) is top and top.position == 1234
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(4, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.l2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.drop(nnx.relu(self.l1(x))))
+
+
+def test_nnx_model_and_optimizer_are_updated_in_place(handler, tmp_path):
+    model = MLP(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = jnp.ones((3, 4))
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        grads = nnx.grad(lambda m: (m(x) ** 2).mean())(model)
+        optimizer.update(model, grads)
+
+    train_step(model, optimizer)
+    handler.save(tmp_path, {"model": model, "optimizer": optimizer}, step=1)
+    expected = nnx.state(model).to_pure_dict(), nnx.state(optimizer).to_pure_dict()
+
+    fresh_model = MLP(nnx.Rngs(42, dropout=43))
+    fresh_opt = nnx.Optimizer(fresh_model, optax.adam(1e-2), wrt=nnx.Param)
+    out = handler.restore(tmp_path, {"model": fresh_model, "optimizer": fresh_opt})
+    assert out["model"] is fresh_model and out["optimizer"] is fresh_opt
+    assert_same(nnx.state(fresh_model).to_pure_dict(), expected[0])
+    assert_same(nnx.state(fresh_opt).to_pure_dict(), expected[1])
+    # Training continues identically.
+    train_step(model, optimizer)
+    train_step(fresh_model, fresh_opt)
+    assert_same(nnx.state(fresh_model).to_pure_dict(), nnx.state(model).to_pure_dict())
+
+
+def test_optax_state_round_trips_with_its_types(handler, tmp_path):
+    params = {"w": jnp.ones((3, 3)), "b": jnp.zeros(3)}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    opt_state = tx.init(params)
+    handler.save(tmp_path, opt_state, step=0)
+    restored = handler.restore(tmp_path, tx.init(params))
+    assert jax.tree.structure(restored) == jax.tree.structure(opt_state)
+    assert_same(restored, opt_state)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"step": -1}, ValueError, "step must be >= 0, got -1"),
+        ({"step": 1.5}, TypeError, r"step must be None or an int >= 0, got 1.5 \(float\)"),
+        ({"step": "3"}, TypeError, "step must be None or an int"),
+        ({"step": True}, TypeError, "step must be None or an int"),
+        ({"step": 1, "keep": 0}, ValueError, "keep must be >= 1"),
+        ({"step": 1, "keep": -2}, ValueError, "keep must be >= 1"),
+        ({"step": 1, "keep": 2.0}, TypeError, "keep must be None or an int"),
+        ({"step": 1, "overwrite": "yes"}, TypeError, "overwrite must be a bool"),
+    ],
+)
+def test_bad_arguments_raise_before_disk(handler, tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        handler.save(tmp_path / "d", {"a": jnp.ones(2)}, **kwargs)
+    assert not (tmp_path / "d").exists()
+
+
+def test_unsupported_leaf_leaves_nothing_on_disk(handler, tmp_path):
+    with pytest.raises(TypeError, match=r"Leaf \['model'\]\['act'\] has unsupported type"):
+        handler.save(tmp_path / "d", {"model": {"act": lambda x: x}}, step=1)
+    assert not (tmp_path / "d").exists()
+    handler.save(tmp_path / "d", {"ok": 1}, step=1)  # the handler still works
+    assert handler.get_checkpoint_steps(tmp_path / "d") == [1]
+
+
+def test_directory_that_is_a_file(handler, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        handler.save(tmp_path / "f", {"a": 1}, step=1)
+
+
+def test_rejected_save_does_not_hang_process_exit(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import jax.numpy as jnp
+        from datarax_ckpt import OrbaxCheckpointHandler
+        h = OrbaxCheckpointHandler()
+        h.save({str(tmp_path)!r}, {{"ok": jnp.ones(3)}}, step=1)
+        try:
+            h.save({str(tmp_path)!r}, {{"bad": object()}}, step=2)
+        except TypeError:
+            print("rejected")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rejected" in out.stdout
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-1"]  # committed at exit, nothing else
+
+
+def test_closed_handler_refuses_calls(tmp_path):
+    h = OrbaxCheckpointHandler()
+    h.close()
+    h.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        h.save(tmp_path, {"a": 1}, step=1)
+
+
+# ------------------------------------------------------------------ background errors
+
+
+@pytest.mark.parametrize("surface", ["next_save", "wait_until_finished", "close"])
+def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
+    real_save = ocp.CheckpointManager.save
+
+    def failing_save(self, step, *args, **kwargs):
+        if step == 2:
+            raise OSError(5, "Input/output error (injected)")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    h = OrbaxCheckpointHandler()
+    h.save(tmp_path, {"a": 1}, step=1)
+    h.save(tmp_path, {"a": 2}, step=2)
+    with pytest.raises(OSError, match="injected") as info:
+        if surface == "next_save":
+            h.wait_until_finished.__self__._directories  # noqa: B018 - no wait here
+            for directory in h._directories.values():
+                directory.drain()
+            h.save(tmp_path, {"a": 3}, step=3)
+        elif surface == "wait_until_finished":
+            h.wait_until_finished()
+        else:
+            h.close()
+    assert any("background save of" in note for note in info.value.__notes__)
+    if surface != "close":
+        h.wait_until_finished()  # reported once, then cleared
+        assert h.get_checkpoint_steps(tmp_path) == [1]
+        h.close()
+
+
+# ------------------------------------------------------------------ donation, crash, threads
+
+
+def test_donating_saved_arrays_does_not_corrupt_the_checkpoint(handler, tmp_path):
+    state = {
+        "w": jnp.asarray(np.random.default_rng(0).standard_normal(300_000), jnp.float32),
+        "b": jnp.arange(16.0),
+    }
+    expected = jax.tree.map(np.asarray, state)
+    handler.save(tmp_path, state, step=1)
+
+    @jax.jit
+    def step(s):
+        return jax.tree.map(lambda x: x * 0 - 7, s)
+
+    donating = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step, donate_argnums=0)
+    new_state = donating(state)
+    jax.block_until_ready(new_state)
+    restored = handler.restore(tmp_path, step=1)
+    for k in expected:
+        np.testing.assert_array_equal(restored[k], expected[k])
+
+
+def test_sigkill_during_async_save_keeps_previous_step(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        import numpy as np, jax.numpy as jnp
+        from datarax_ckpt import OrbaxCheckpointHandler
+        h = OrbaxCheckpointHandler()
+        h.save({str(tmp_path)!r}, {{"w": jnp.arange(10.0), "s": 1}}, step=1)
+        h.wait_until_finished()
+        big = jnp.asarray(np.random.default_rng(0).standard_normal(32_000_000), jnp.float32)
+        h.save({str(tmp_path)!r}, {{"w": big, "s": 2}}, step=2)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr.decode()[-2000:]
+    with OrbaxCheckpointHandler() as h:
+        assert h.get_checkpoint_steps(tmp_path) == [1]
+        restored = h.restore(tmp_path)
+        assert restored["s"] == 1
+        h.save(tmp_path, {"w": jnp.ones(2), "s": 2}, step=2)
+        assert h.restore(tmp_path)["s"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-1", "ckpt-2"]  # no stale temporaries
+
+
+def test_many_threads_share_one_handler(handler, tmp_path):
+    errors = []
+
+    def worker(index):
+        try:
+            for i in range(5):
+                step = index * 100 + i
+                handler.save(tmp_path, {"v": jnp.full(8, step, jnp.int32), "s": step}, step=step)
+                restored = handler.restore(tmp_path, step=step)
+                assert restored["s"] == step and int(restored["v"][0]) == step
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert handler.get_checkpoint_steps(tmp_path) == sorted(
+        i * 100 + j for i in range(4) for j in range(5)
+    )
+
+
+# ------------------------------------------------------------------ backpressure
+
+
+def test_skip_policy_drops_saves_when_the_queue_is_full(tmp_path, caplog):
+    big = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(4_000_000), jnp.float32)}
+    with OrbaxCheckpointHandler(max_pending_saves=1, on_backpressure="skip") as h:
+        results = [h.save(tmp_path, big, step=s) for s in range(4)]
+        h.wait_until_finished()
+        steps = h.get_checkpoint_steps(tmp_path)
+    assert results[0] is not None
+    skipped = [s for s, r in enumerate(results) if r is None]
+    assert steps == [s for s in range(4) if s not in skipped]
+    assert len(skipped) == sum("Skipped the save" in r.message for r in caplog.records)
