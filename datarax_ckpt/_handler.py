@@ -16,8 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _layout, _multihost, _snapshot, _validate, serialization
-from datarax_ckpt._errors import CheckpointExistsError, CheckpointNotFoundError
+from datarax_ckpt import _integrity, _layout, _multihost, _snapshot, _validate, serialization
+from datarax_ckpt._errors import (
+    CheckpointCorruptedError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+)
 from datarax_ckpt._typing import PathLike, PyTree
 from datarax_ckpt.options import CheckpointOptions
 
@@ -63,6 +67,7 @@ class _Directory:
             ),
             _layout.ITEM_MANIFEST: ocp.JsonCheckpointHandler(),
             _layout.ITEM_METADATA: ocp.JsonCheckpointHandler(),
+            _layout.ITEM_CHECKSUMS: ocp.JsonCheckpointHandler(),
         }
 
     def manager(self) -> ocp.CheckpointManager:
@@ -79,6 +84,7 @@ class _Directory:
                     create=False,
                     cleanup_tmp_directories=self.options.cleanup_tmp_directories,
                     enable_async_checkpointing=True,
+                    todelete_subdir=_layout.TRASH,  # atomic removal, see _layout.TRASH
                 ),
                 item_handlers=self.item_handlers(),
             )
@@ -160,7 +166,8 @@ class OrbaxCheckpointHandler:
         >>> with OrbaxCheckpointHandler() as handler:
         ...     _ = handler.save(directory, {"w": jnp.ones(3), "step": 10}, step=10)
         ...     restored = handler.restore(directory)
-        >>> restored["step"], handler.latest_step(directory)
+        ...     latest = handler.latest_step(directory)
+        >>> restored["step"], latest
         (10, 10)
     """
 
@@ -311,7 +318,7 @@ class OrbaxCheckpointHandler:
         if not self.options.async_save:
             handle.drain()
             self._raise_errors()
-        return str(path / name)
+        return str(epath.Path(directory) / name)
 
     def _make_room(self, handle: _Directory, nbytes: int) -> bool:
         """Applies the backpressure policy; returns False if the save must be skipped."""
@@ -371,6 +378,9 @@ class OrbaxCheckpointHandler:
         }
         if arrays:
             args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(arrays)
+        if self.options.checksums:  # hashed here, off the caller's thread; only process 0 writes
+            sums = _integrity.compute(arrays, manifest, metadata) if primary else {}
+            args[_layout.ITEM_CHECKSUMS] = ocp.args.JsonSave(sums)
         args = ocp.args.Composite(**args)
         manager = handle.manager()
         path = handle.path / _layout.step_name(step)
@@ -409,6 +419,8 @@ class OrbaxCheckpointHandler:
             raise
         if backup is not None and primary:
             backup.rmtree()
+        if primary:
+            _layout.empty_trash(handle.path)
         handle.coordinator.barrier("committed")  # listing on any process now sees it
 
     # ------------------------------------------------------------------ restoring
@@ -446,7 +458,7 @@ class OrbaxCheckpointHandler:
         """
         _validate.step(step)
         _validate.flag("metadata_only", metadata_only)
-        path = epath.Path(directory)
+        path = _validate.directory(directory)
         handle = self._enter(path)
         return handle.run(self._read, handle, target, step, metadata_only).result()
 
@@ -519,7 +531,7 @@ class OrbaxCheckpointHandler:
 
         Returns an empty list for a missing directory.
         """
-        path = epath.Path(directory)
+        path = _validate.directory(directory)
         self._enter(path).drain()
         self._raise_errors()
         return _layout.committed_steps(path)
@@ -531,7 +543,7 @@ class OrbaxCheckpointHandler:
 
     def list_checkpoints(self, directory: PathLike) -> dict[int, str]:
         """``{step: folder path}`` of the committed steps in ``directory``."""
-        path = epath.Path(directory)
+        path = _validate.directory(directory)
         return {s: str(path / _layout.step_name(s)) for s in self.get_checkpoint_steps(path)}
 
     # ------------------------------------------------------------------ helpers

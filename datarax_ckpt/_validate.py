@@ -85,6 +85,8 @@ def directory(value: Any) -> epath.Path:
     if not isinstance(value, str | epath.PathLike):
         raise TypeError(f"directory must be a str or path, got {type(value).__name__}.")
     path = epath.Path(value)
+    if "://" not in str(value):
+        path = path.absolute()  # Orbax requires absolute local paths
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(
             f"Checkpoint directory {path} is a file. Pass a directory path (it is created "
