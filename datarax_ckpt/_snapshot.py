@@ -79,6 +79,9 @@ def capture(
     np_groups: dict[str, list[int]] = {}
     np_large: list[int] = []
     multiprocess = jax.process_count() > 1
+    # On a CPU backend, jax arrays live in host memory: a numpy memcpy copies them at
+    # ~2x the speed of an XLA copy (measured: 69 ms vs 144 ms for 256 MiB on 2 cores).
+    host_backend = jax.default_backend() == "cpu"
     for i, slot in enumerate(slots):
         value = slot.value
         dtype = jnp.dtype(value.dtype)
@@ -95,7 +98,7 @@ def capture(
                 value = slot.value = np.asarray(value)
             else:
                 table[i]["global"] = True  # restoring it in multi-process needs a target
-        if isinstance(value, jax.Array):
+        if isinstance(value, jax.Array) and not (host_backend and _is_single_cpu(value)):
             devices = value.sharding.device_set
             packable = small and value.is_fully_addressable and len(devices) == 1
             bucket_key = tuple(sorted(d.id for d in devices))
@@ -148,13 +151,44 @@ def capture(
                 "to host memory, or free device memory."
             ) from e
         raise
+    # Host copies: one aligned buffer per dtype for small leaves, one per large leaf.
+    # Single-process on a CPU backend the buffer is wrapped as a jax.Array without a
+    # copy, so Orbax does not deep-copy it again as it does numpy leaves.
+    own = host_backend and not multiprocess
     for name, idxs in np_groups.items():
-        buffer = np.concatenate([np.ravel(slots[i].value) for i in idxs])
-        add_pack(name, idxs, buffer, "numpy")
+        total = sum(math.prod(table[i]["shape"]) for i in idxs)
+        buffer, offset = _aligned_empty(total, jnp.dtype(name)), 0
+        for i in idxs:
+            size = math.prod(table[i]["shape"])
+            buffer[offset : offset + size] = np.asarray(slots[i].value).reshape(-1)
+            offset += size
+        add_pack(name, idxs, _wrap(buffer) if own else buffer, "host")
     for i in np_large:
+        source = np.asarray(slots[i].value)
+        buffer = _aligned_empty(source.size, source.dtype).reshape(source.shape)
+        np.copyto(buffer, source)
         table[i]["key"] = f"a{i}"
-        arrays[f"a{i}"] = np.array(slots[i].value, copy=True, order="C")
+        arrays[f"a{i}"] = _wrap(buffer) if own else buffer
     return arrays, table, packs
+
+
+def _is_single_cpu(x: jax.Array) -> bool:
+    devices = x.sharding.device_set
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu" and x.is_fully_addressable
+
+
+def _aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
+    """A 1-D array whose data is ``align``-byte aligned (XLA wraps those without a copy)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(size * dtype.itemsize + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + size * dtype.itemsize].view(dtype)
+
+
+def _wrap(buffer: np.ndarray) -> jax.Array | np.ndarray:
+    if jax.dtypes.canonicalize_dtype(buffer.dtype) != buffer.dtype:
+        return buffer  # e.g. float64 without jax_enable_x64: jax would narrow it
+    return jax.device_put(buffer, jax.local_devices(backend="cpu")[0])
 
 
 def nbytes(arrays: Mapping[str, Any]) -> int:
