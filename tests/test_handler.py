@@ -1,6 +1,7 @@
 """OrbaxCheckpointHandler: versioning, retention, metadata, overwrite, restore, targets, faults."""
 
 import collections
+import functools
 import os
 import signal
 import subprocess
@@ -432,7 +433,7 @@ def test_closed_handler_refuses_calls(tmp_path):
 # ------------------------------------------------------------------ background errors
 
 
-@pytest.mark.parametrize("surface", ["next_save", "wait_until_finished", "close"])
+@pytest.mark.parametrize("surface", ["next_save", "next_listing", "wait_until_finished", "close"])
 def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
     real_save = ocp.CheckpointManager.save
 
@@ -447,10 +448,11 @@ def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
     h.save(tmp_path, {"a": 2}, step=2)
     with pytest.raises(OSError, match="injected") as info:
         if surface == "next_save":
-            h.wait_until_finished.__self__._directories  # noqa: B018 - no wait here
             for directory in h._directories.values():
-                directory.drain()
+                directory.drain()  # let the failure happen before the next call
             h.save(tmp_path, {"a": 3}, step=3)
+        elif surface == "next_listing":
+            h.get_checkpoint_steps(tmp_path)
         elif surface == "wait_until_finished":
             h.wait_until_finished()
         else:
@@ -459,6 +461,7 @@ def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
     if surface != "close":
         h.wait_until_finished()  # reported once, then cleared
         assert h.get_checkpoint_steps(tmp_path) == [1]
+        assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
         h.close()
 
 
@@ -466,20 +469,18 @@ def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
 
 
 def test_donating_saved_arrays_does_not_corrupt_the_checkpoint(handler, tmp_path):
-    state = {
-        "w": jnp.asarray(np.random.default_rng(0).standard_normal(300_000), jnp.float32),
-        "b": jnp.arange(16.0),
-    }
-    expected = jax.tree.map(np.asarray, state)
+    rng = np.random.default_rng(0)
+    state = {"w": jnp.asarray(rng.standard_normal(300_000), jnp.float32), "b": jnp.arange(16.0)}
+    expected = jax.tree.map(np.array, state)
     handler.save(tmp_path, state, step=1)
 
-    @jax.jit
-    def step(s):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(s):
         return jax.tree.map(lambda x: x * 0 - 7, s)
 
-    donating = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step, donate_argnums=0)
-    new_state = donating(state)
-    jax.block_until_ready(new_state)
+    new_state = jax.block_until_ready(train_step(state))
+    assert state["w"].is_deleted()  # the buffers really were donated and reused
+    assert (np.asarray(new_state["w"]) == -7).all()
     restored = handler.restore(tmp_path, step=1)
     for k in expected:
         np.testing.assert_array_equal(restored[k], expected[k])
