@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,15 +64,57 @@ def _to_host(arrays: list[jax.Array]) -> list[Any]:
         return [np.array(x) for x in arrays]
 
 
+class ArenaPool:
+    """Reuses the host buffers of finished captures.
+
+    A freshly allocated buffer is page-faulted in by the copy itself, which makes the copy
+    ~3x slower than into memory already mapped (82 ms against 26 ms for 256 MiB here).
+    Training states keep their size from save to save, so the handler gives each capture's
+    arena back once its write is committed and the next capture of the same size reuses
+    it. At most ``max_free`` arenas are kept; ``clear()`` releases them all.
+    """
+
+    def __init__(self, max_free: int = 2):
+        self.max_free = max_free
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            for i, arena in enumerate(self._free):
+                if arena.nbytes == nbytes:
+                    return self._free.pop(i)
+        return _aligned_empty(nbytes, np.uint8)
+
+    def give(self, arena: np.ndarray | None) -> None:
+        if arena is None or arena.nbytes == 0:
+            return
+        with self._lock:
+            self._free.append(arena)
+            del self._free[: -self.max_free]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+_ALIGN = 64
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
 def capture(
-    slots: list[Slot], *, pack_threshold_bytes: int, snapshot: str
-) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    slots: list[Slot], *, pack_threshold_bytes: int, snapshot: str, pool: ArenaPool | None = None
+) -> tuple[dict[str, Any], list[dict], list[dict], np.ndarray | None]:
     """Copies the slots' data into buffers owned by the checkpoint.
 
     Returns:
-        ``(arrays, slot_table, packs)``: the arrays to hand to Orbax keyed by storage
-        name, one manifest entry per slot (dtype, shape, where it is stored), and one
-        manifest entry per packed buffer.
+        ``(arrays, slot_table, packs, arena)``: the arrays to hand to Orbax keyed by
+        storage name, one manifest entry per slot (dtype, shape, where it is stored), one
+        manifest entry per packed buffer, and the host arena holding the host copies (to
+        give back to ``pool`` once the arrays are no longer used), or None.
     """
     mode = resolve_snapshot_mode(snapshot)
     table: list[dict] = []
@@ -154,22 +197,52 @@ def capture(
     # Host copies: one aligned buffer per dtype for small leaves, one per large leaf.
     # Single-process on a CPU backend the buffer is wrapped as a jax.Array without a
     # copy, so Orbax does not deep-copy it again as it does numpy leaves.
+    # All host copies live in one arena, each buffer 64-byte aligned.
     own = host_backend and not multiprocess
+    group_sizes = {
+        name: sum(math.prod(table[i]["shape"]) for i in idxs) for name, idxs in np_groups.items()
+    }
+    arena_bytes = sum(_round_up(n * jnp.dtype(name).itemsize) for name, n in group_sizes.items())
+    arena_bytes += sum(_round_up(slots[i].value.nbytes) for i in np_large)
+    arena = (
+        (pool.take(arena_bytes) if pool else _aligned_empty(arena_bytes, np.uint8))
+        if (arena_bytes)
+        else None
+    )
+    cursor = 0
+
+    def carve(size: int, dtype: Any) -> np.ndarray:
+        nonlocal cursor
+        dtype = jnp.dtype(dtype)
+        view = arena[cursor : cursor + size * dtype.itemsize].view(dtype)
+        cursor += _round_up(size * dtype.itemsize)
+        return view
+
     for name, idxs in np_groups.items():
-        total = sum(math.prod(table[i]["shape"]) for i in idxs)
-        buffer, offset = _aligned_empty(total, jnp.dtype(name)), 0
+        buffer, offset = carve(group_sizes[name], name), 0
         for i in idxs:
             size = math.prod(table[i]["shape"])
             buffer[offset : offset + size] = np.asarray(slots[i].value).reshape(-1)
             offset += size
-        add_pack(name, idxs, _wrap(buffer) if own else buffer, "host")
+        add_pack(name, idxs, buffer, "host")
     for i in np_large:
         source = np.asarray(slots[i].value)
-        buffer = _aligned_empty(source.size, source.dtype).reshape(source.shape)
+        buffer = carve(source.size, source.dtype).reshape(source.shape)
         np.copyto(buffer, source)
         table[i]["key"] = f"a{i}"
-        arrays[f"a{i}"] = _wrap(buffer) if own else buffer
-    return arrays, table, packs
+        arrays[f"a{i}"] = buffer
+    if own:
+        # Wrap as jax.Arrays without a copy (one batched call), so Orbax does not deep-copy
+        # them as it does numpy leaves. Not for dtypes jax would narrow (float64 without x64).
+        keys = [
+            k
+            for k, v in arrays.items()
+            if isinstance(v, np.ndarray) and jax.dtypes.canonicalize_dtype(v.dtype) == v.dtype
+        ]
+        cpu = jax.local_devices(backend="cpu")[0]
+        for k, v in zip(keys, jax.device_put([arrays[k] for k in keys], cpu), strict=True):
+            arrays[k] = v
+    return arrays, table, packs, arena
 
 
 def _is_single_cpu(x: jax.Array) -> bool:
@@ -183,12 +256,6 @@ def _aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
     raw = np.empty(size * dtype.itemsize + align, np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start : start + size * dtype.itemsize].view(dtype)
-
-
-def _wrap(buffer: np.ndarray) -> jax.Array | np.ndarray:
-    if jax.dtypes.canonicalize_dtype(buffer.dtype) != buffer.dtype:
-        return buffer  # e.g. float64 without jax_enable_x64: jax would narrow it
-    return jax.device_put(buffer, jax.local_devices(backend="cpu")[0])
 
 
 def nbytes(arrays: Mapping[str, Any]) -> int:

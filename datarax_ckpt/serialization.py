@@ -51,6 +51,8 @@ FORMAT_NAME = "datarax_ckpt"
 FORMAT_VERSION = 1  # major version: readers refuse a newer one.
 
 _SCALARS = {bool: "bool", int: "int", float: "float"}
+_PLAIN = frozenset({dict, list, tuple, str, bytes, bool, int, float, complex, type(None)})
+_ARRAYS = (jax.Array, np.ndarray, np.generic)
 
 
 def _is_graph_node(x: Any) -> bool:
@@ -98,6 +100,14 @@ class _Encoder:
         return len(self.slots) - 1
 
     def encode(self, x: Any, path: str) -> dict:
+        # Protocol and graph-node checks cost ~50 us each: only objects need them.
+        if type(x) not in _PLAIN and not isinstance(x, _ARRAYS):
+            special = self._encode_object(x, path)
+            if special is not None:
+                return special
+        return self._encode_plain(x, path)
+
+    def _encode_object(self, x: Any, path: str) -> dict | None:
         if isinstance(x, Checkpointable) and not isinstance(x, type):
             cls = type(x)
             return {
@@ -114,6 +124,9 @@ class _Encoder:
                 "type": f"{cls.__module__}.{cls.__qualname__}",
                 "c": self.encode(nnx.state(x).to_pure_dict(), path),
             }
+        return None
+
+    def _encode_plain(self, x: Any, path: str) -> dict:
         if x is None:
             return {"t": "none"}
         if isinstance(x, jax.core.Tracer):
@@ -213,10 +226,24 @@ def serialize(
         TypeError: for an unsupported leaf or dict key, naming its path and type.
         ValueError: for a deleted (donated) array.
     """
+    arrays, manifest, _ = encode_and_capture(
+        tree, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot
+    )
+    return arrays, manifest
+
+
+def encode_and_capture(
+    tree: PyTree,
+    *,
+    pack_threshold_bytes: int,
+    snapshot: str,
+    pool: _snapshot.ArenaPool | None = None,
+) -> tuple[dict[str, Any], dict, Any]:
+    """:func:`serialize`, also returning the host arena to give back to ``pool`` later."""
     encoder = _Encoder()
     root = encoder.encode(tree, "")
-    arrays, slots, packs = _snapshot.capture(
-        encoder.slots, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot
+    arrays, slots, packs, arena = _snapshot.capture(
+        encoder.slots, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot, pool=pool
     )
     manifest = {
         "format": FORMAT_NAME,
@@ -225,7 +252,7 @@ def serialize(
         "slots": slots,
         "packs": packs,
     }
-    return arrays, manifest
+    return arrays, manifest, arena
 
 
 # --------------------------------------------------------------------------- decoding
