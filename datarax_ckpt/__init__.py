@@ -1,6 +1,7 @@
 """datarax_ckpt: asynchronous, exact checkpoints for JAX, built on Orbax's CheckpointManager."""
 
 from datarax_ckpt import serialization as serialization
+from datarax_ckpt._errors import CheckpointCorruptedError as CheckpointCorruptedError
 from datarax_ckpt._errors import CheckpointError as CheckpointError
 from datarax_ckpt._errors import CheckpointExistsError as CheckpointExistsError
 from datarax_ckpt._errors import CheckpointFormatError as CheckpointFormatError
@@ -8,14 +9,18 @@ from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundEr
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
+from datarax_ckpt._integrity import Problem as Problem
+from datarax_ckpt._integrity import VerifyReport as VerifyReport
 from datarax_ckpt._typing import Checkpointable as Checkpointable
 from datarax_ckpt._typing import PathLike as PathLike
 from datarax_ckpt._typing import PyTree as PyTree
 from datarax_ckpt.options import CheckpointOptions as CheckpointOptions
+from datarax_ckpt.preemption import PreemptionGuard as PreemptionGuard
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointFormatError",
@@ -24,8 +29,11 @@ __all__ = [
     "Checkpointable",
     "OrbaxCheckpointHandler",
     "PathLike",
+    "PreemptionGuard",
+    "Problem",
     "ProcessMismatchError",
     "PyTree",
     "StructureMismatchError",
+    "VerifyReport",
     "serialization",
 ]

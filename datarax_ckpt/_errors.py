@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class CheckpointError(Exception):
     """Base class of the errors specific to datarax_ckpt."""
@@ -25,3 +28,37 @@ class StructureMismatchError(CheckpointError, ValueError):
 
 class ProcessMismatchError(CheckpointError, ValueError):
     """In a multi-process save, the processes passed different non-array data."""
+
+
+class CheckpointCorruptedError(CheckpointFormatError):
+    """A checkpoint's files are damaged, missing or uncommitted (a checksum does not match).
+
+    Attributes:
+        report: The :class:`~datarax_ckpt.VerifyReport` that found the damage, if any.
+    """
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+def storage_error(error: BaseException) -> BaseException:
+    """Returns an ``OSError`` for a storage failure that TensorStore reported as another type.
+
+    TensorStore raises e.g. ``ValueError: RESOURCE_EXHAUSTED: ... No space left on device
+    [os_error_code='28']`` for a full disk. The returned ``OSError`` carries the errno
+    (``errno.ENOSPC``), so callers can catch and test it; the original is its ``__cause__``.
+    Any other error is returned unchanged.
+    """
+    if isinstance(error, OSError):
+        return error
+    match = _OS_ERROR_CODE.search(str(error))
+    if match is None:
+        return error
+    code = int(match.group(1))
+    converted = OSError(code, f"{os.strerror(code)} ({type(error).__name__}: {error})")
+    converted.__cause__ = error
+    return converted

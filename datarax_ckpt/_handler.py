@@ -21,17 +21,53 @@ from datarax_ckpt._errors import (
     CheckpointCorruptedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    storage_error,
 )
 from datarax_ckpt._typing import PathLike, PyTree
 from datarax_ckpt.options import CheckpointOptions
 
 logger = logging.getLogger("datarax_ckpt")
 
+
+class _SubmissionOrderLock:
+    """A lock granted to jobs in the order they were submitted (a ticket lock).
+
+    Multi-process runs need the order, not just the exclusion: a job may wait at a
+    barrier for the same job on the other processes, and with a plain lock two
+    directories' workers could take it in different orders on two processes and wait
+    for each other until the barrier times out. Every process submits the same jobs in
+    the same order, so tickets make them run in the same order everywhere.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+
+    def submit(self, executor, fn, *args) -> concurrent.futures.Future:
+        # Ticket and enqueue together: a worker must never hold a job whose ticket comes
+        # after one still waiting behind it in its own queue.
+        with self._cond:
+            future = executor.submit(self._run, self._issued, fn, *args)
+            self._issued += 1
+            return future
+
+    def _run(self, ticket: int, fn, *args):
+        with self._cond:
+            self._cond.wait_for(lambda: self._serving == ticket)
+        try:
+            return fn(*args)
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+
 # Orbax keeps process-global state for async saves (operation ids and the signals that
 # order directory creation before writes): two CheckpointManagers saving at once from two
 # threads write into folders that do not exist yet. Every Orbax call of every handler in
 # this process therefore runs under this lock; per-directory order is kept by the workers.
-_ORBAX_LOCK = threading.Lock()
+_ORBAX_LOCK = _SubmissionOrderLock()
 
 
 @dataclasses.dataclass
@@ -39,6 +75,7 @@ class _Pending:
     future: concurrent.futures.Future
     nbytes: int
     name: str
+    arena: Any = None  # host buffers of the capture, reused once the write has finished
 
 
 class _Directory:
@@ -57,6 +94,7 @@ class _Directory:
         )
         self.pending: collections.deque[_Pending] = collections.deque()
         self.policy = ocp.checkpoint_managers.LatestN(n=None)
+        self.pool = _snapshot.ArenaPool(max_free=options.max_pending_saves)
         self._manager: ocp.CheckpointManager | None = None
         self.coordinator = _multihost.Coordinator(str(path))
 
@@ -85,6 +123,10 @@ class _Directory:
                     cleanup_tmp_directories=self.options.cleanup_tmp_directories,
                     enable_async_checkpointing=True,
                     todelete_subdir=_layout.TRASH,  # atomic removal, see _layout.TRASH
+                    # Create the step's tmp folder on this worker thread, before any write
+                    # is scheduled: created asynchronously, a failure (read-only or full
+                    # disk) orphans Orbax threads that wait 300 s for it and block exit.
+                    async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
                 ),
                 item_handlers=self.item_handlers(),
             )
@@ -94,7 +136,7 @@ class _Directory:
         return self._manager
 
     def run(self, fn, *args) -> concurrent.futures.Future:
-        return self.worker.submit(_locked, fn, *args)
+        return _ORBAX_LOCK.submit(self.worker, fn, *args)
 
     def drain(self) -> None:
         """Waits until every job queued so far has finished (errors are reported elsewhere)."""
@@ -106,6 +148,7 @@ class _Directory:
                 self.run(self._manager.close).result()
         finally:
             self.worker.shutdown(wait=True)
+            self.pool.clear()
 
 
 _LIVE_HANDLERS: weakref.WeakSet[OrbaxCheckpointHandler] = weakref.WeakSet()
@@ -124,11 +167,6 @@ def _finish_pending_saves_at_exit() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves_at_exit)
 
 
-def _locked(fn, *args):
-    with _ORBAX_LOCK:
-        return fn(*args)
-
-
 class OrbaxCheckpointHandler:
     """Saves and restores JAX training states without stopping the training loop.
 
@@ -145,6 +183,13 @@ class OrbaxCheckpointHandler:
     when every process makes the same calls (Orbax coordinates through
     ``jax.distributed``). NOT safe for two handlers
     (or two jobs) writing to the same directory at once.
+
+    Multi-process runs (after ``jax.distributed.initialize``): every process calls
+    ``save``, ``restore`` and ``verify`` with the same directory and arguments, each
+    with its view of the global state. Arrays sharded over processes are written by
+    the processes that hold them; everything else is written once, by process 0, and
+    must be equal on every process (checked at each save). Listing reads the disk on
+    each process and needs no collective call. See ``docs/multihost.md``.
 
     Errors of background writes are never swallowed: they are raised, with the step
     and directory noted, by the next call on this handler, by
@@ -265,6 +310,10 @@ class OrbaxCheckpointHandler:
             ValueError: for a bad ``step``, ``keep`` or ``metadata`` value.
             FileExistsError: if the checkpoint exists and ``overwrite`` is False.
             NotADirectoryError: if ``directory`` is a file.
+            ProcessMismatchError: (a ValueError, multi-process runs) if the processes
+                passed different non-array data; it names the leaves. No process saves.
+            CheckpointError: (multi-process runs) if the save failed on another process
+                before writing; that process raises its own error. No process saves.
             Exception: an error of an earlier background write.
         """
         _validate.step(step)
@@ -285,10 +334,11 @@ class OrbaxCheckpointHandler:
                         f"{path / name} already exists. Pass overwrite=True to replace it, or "
                         "save under a new step."
                     )
-                arrays, manifest = serialization.serialize(
+                arrays, manifest, arena = serialization.encode_and_capture(
                     target,
                     pack_threshold_bytes=self.options.pack_threshold_bytes,
                     snapshot=self.options.snapshot,
+                    pool=handle.pool,
                 )
                 nbytes = _snapshot.nbytes(arrays)
                 room = self._make_room(handle, nbytes)
@@ -301,6 +351,7 @@ class OrbaxCheckpointHandler:
                 arrays, manifest, metadata, [name, keep, overwrite], room
             )
             if not room:
+                handle.pool.give(arena)
                 logger.warning(
                     "Skipped the save of %s: %d saves are still being written "
                     "(CheckpointOptions.on_backpressure='skip').",
@@ -311,7 +362,7 @@ class OrbaxCheckpointHandler:
             future = handle.run(
                 self._write, handle, step, arrays, manifest, metadata, keep, overwrite
             )
-            pending = _Pending(future, nbytes, name)
+            pending = _Pending(future, nbytes, name, arena)
             with self._state:
                 handle.pending.append(pending)
             future.add_done_callback(lambda f: self._finished(handle, pending))
@@ -344,8 +395,11 @@ class OrbaxCheckpointHandler:
         with self._state:
             if pending in handle.pending:
                 handle.pending.remove(pending)
+        handle.pool.give(pending.arena)
+        pending.arena = None
         error = pending.future.exception()
         if error is not None:
+            error = storage_error(error)  # e.g. a full disk: an OSError with errno ENOSPC
             error.add_note(
                 f"datarax_ckpt: raised by the background save of {handle.path / pending.name}."
             )
@@ -432,8 +486,16 @@ class OrbaxCheckpointHandler:
         *,
         step: int | None = None,
         metadata_only: bool = False,
+        verify: bool | None = None,
+        fallback: bool = True,
     ) -> Any:
         """Restores a checkpoint, after this handler's pending saves to ``directory``.
+
+        Every restore first runs a quick check (commit marker, every file present and
+        long enough); with ``verify`` it also compares what it reads with the checksums
+        recorded at save time. Corrupt data is never returned: with ``step=None`` a
+        corrupt latest step is skipped with a logged warning and the newest intact step
+        is restored instead; with an explicit ``step`` it raises.
 
         Args:
             directory: The checkpoint directory.
@@ -445,6 +507,11 @@ class OrbaxCheckpointHandler:
             step: None restores the latest step (or the unversioned checkpoint when
                 there are no steps); an int restores exactly ``ckpt-<step>``.
             metadata_only: Return only the metadata dict saved with the checkpoint.
+            verify: Compare every array (and the manifest and metadata) read with its
+                recorded checksum; None uses ``CheckpointOptions.verify_on_restore``.
+                Checkpoints written without checksums restore unchecked.
+            fallback: With ``step=None``, restore the newest intact step when the
+                latest is corrupt or incomplete. False raises instead.
 
         Returns:
             The restored state, the updated target, or the metadata dict.
@@ -453,16 +520,26 @@ class OrbaxCheckpointHandler:
             FileNotFoundError: if the directory, the step or any checkpoint is missing;
                 the message lists the available steps.
             StructureMismatchError: (a ValueError) if ``target`` does not match.
+            ValueError: in a multi-process run, if a leaf saved sharded across
+                processes has no target leaf giving the sharding to restore onto.
             CheckpointFormatError: (a ValueError) if the folder is not a datarax_ckpt
                 checkpoint or was written by a newer format version.
+            CheckpointCorruptedError: (a CheckpointFormatError) if the step is corrupt
+                or incomplete (and, for ``step=None``, no older step is intact or
+                ``fallback`` is False); it names the file and the leaves.
         """
         _validate.step(step)
         _validate.flag("metadata_only", metadata_only)
+        _validate.flag("fallback", fallback)
+        verify = self.options.verify_on_restore if verify is None else verify
+        _validate.flag("verify", verify)
         path = _validate.directory(directory)
         handle = self._enter(path)
-        return handle.run(self._read, handle, target, step, metadata_only).result()
+        return handle.run(
+            self._read, handle, target, step, metadata_only, verify, fallback
+        ).result()
 
-    def _read(self, handle: _Directory, target, step, metadata_only) -> Any:
+    def _read(self, handle: _Directory, target, step, metadata_only, verify, fallback) -> Any:
         path = handle.path
         if not path.is_dir():
             raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
@@ -475,17 +552,46 @@ class OrbaxCheckpointHandler:
                     f"No checkpoint in {path}: no committed ckpt-<step>/ folder and no "
                     f"{_layout.UNVERSIONED}/ folder."
                 )
-            return self._read_items(handle, unversioned, None, target, metadata_only)
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+            return self._read_items(handle, unversioned, None, target, metadata_only, verify)
+        if step is not None and step not in steps:
             raise CheckpointNotFoundError(
                 f"No committed checkpoint for step {step} in {path}. Available steps: "
                 f"{steps or 'none'}."
             )
-        return self._read_items(handle, path / _layout.step_name(step), step, target, metadata_only)
+        failures: list[tuple[int, CheckpointCorruptedError]] = []
+        for candidate in [step] if step is not None else steps[::-1]:
+            try:
+                folder = path / _layout.step_name(candidate)
+                restored = self._read_items(
+                    handle, folder, candidate, target, metadata_only, verify
+                )
+            except CheckpointCorruptedError as e:
+                if step is not None or not fallback:
+                    e.add_note("Restore an older step with step=N, or step=None to fall back.")
+                    raise
+                logger.warning("Skipping step %d of %s:\n%s", candidate, path, e)
+                failures.append((candidate, e))
+                continue
+            if failures:
+                skipped = [s for s, _ in failures]
+                logger.warning("Restored step %d of %s instead of %s.", candidate, path, skipped)
+            return restored
+        raise CheckpointCorruptedError(
+            f"Every step in {path} is corrupt or incomplete ({steps}); nothing was restored.\n"
+            + "\n".join(str(e) for _, e in failures),
+            report=failures[0][1].report,
+        ) from failures[0][1]
 
-    def _read_items(self, handle, path, step, target, metadata_only) -> Any:
+    def _read_items(self, handle, path, step, target, metadata_only, verify=False) -> Any:
+        structure = _integrity.inspect(path, arrays=not metadata_only)
+        if structure.problems:
+            raise _integrity.corrupted(path, structure.problems)
+        if not verify:
+            structure.checksums = None
+        with _integrity.reading(structure):
+            return self._read_checked(handle, path, step, target, metadata_only, structure)
+
+    def _read_checked(self, handle, path, step, target, metadata_only, structure) -> Any:
         if step is None:
             checkpointer = ocp.Checkpointer(
                 ocp.CompositeCheckpointHandler(**handle.item_handlers())
@@ -501,14 +607,20 @@ class OrbaxCheckpointHandler:
                 return manager.restore(step, args=ocp.args.Composite(**items))
 
         if metadata_only:
-            return read(**{_layout.ITEM_METADATA: ocp.args.JsonRestore()})[_layout.ITEM_METADATA]
+            item = _layout.ITEM_METADATA
+            metadata = read(**{item: ocp.args.JsonRestore()})[item]
+            _integrity.check_json_item(structure, item, metadata)
+            return metadata
         if not (path / _layout.ITEM_MANIFEST).exists():
             serialization.check_manifest(None, str(path))
         manifest = read(**{_layout.ITEM_MANIFEST: ocp.args.JsonRestore()})[_layout.ITEM_MANIFEST]
         serialization.check_manifest(manifest, str(path))
+        _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
         plan = serialization.plan_restore(manifest, target)
         loaded = {}
-        if plan.storage:
+        if plan.storage and structure.checksums is not None:
+            loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
+        elif plan.storage:
             item, restore_args = {}, {}
             for key, spec in plan.storage.items():
                 if spec.lib == "jax":
@@ -523,6 +635,64 @@ class OrbaxCheckpointHandler:
                 **{_layout.ITEM_STATE: ocp.args.PyTreeRestore(item, restore_args=restore_args)}
             )[_layout.ITEM_STATE]
         return plan.build(loaded)
+
+    # ------------------------------------------------------------------ verifying
+
+    def verify(self, directory: PathLike, step: int | None = None) -> _integrity.VerifyReport:
+        """Re-reads a checkpoint (after pending saves) and checks everything it holds.
+
+        Checks that the step is committed (Orbax's commit marker), that every file the
+        data needs is present and long enough and that every file under the folder can
+        be read, then re-reads every stored array through Orbax and compares it (and
+        the manifest and metadata) with the checksums recorded at save time.
+
+        Args:
+            directory: The checkpoint directory.
+            step: The step to check; None checks the latest step (or the unversioned
+                checkpoint when there are no steps).
+
+        Returns:
+            A :class:`~datarax_ckpt.VerifyReport`; ``report.ok`` is True when intact and
+            ``report.problems`` names each damaged file and the leaves it holds.
+            Checkpoints written without checksums report ``checksums_recorded=False``.
+
+        Raises:
+            FileNotFoundError: if the directory or the step does not exist.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp
+            >>> from datarax_ckpt import OrbaxCheckpointHandler
+            >>> directory = tempfile.mkdtemp()
+            >>> with OrbaxCheckpointHandler() as handler:
+            ...     _ = handler.save(directory, {"w": jnp.ones(3)}, step=1)
+            ...     handler.verify(directory, step=1).ok
+            True
+        """
+        _validate.step(step)
+        path = _validate.directory(directory)
+        handle = self._enter(path)
+        return handle.run(self._verify, handle, step).result()
+
+    def _verify(self, handle: _Directory, step: int | None) -> _integrity.VerifyReport:
+        path = handle.path
+        if not path.is_dir():
+            raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
+        steps = _layout.committed_steps(path)
+        if step is None and not steps:
+            folder = path / _layout.UNVERSIONED
+            if not folder.exists():
+                raise CheckpointNotFoundError(
+                    f"No checkpoint in {path}: no ckpt-<step>/ folder and no "
+                    f"{_layout.UNVERSIONED}/ folder."
+                )
+        elif step is None or step in steps:
+            folder = path / _layout.step_name(steps[-1] if step is None else step)
+        else:
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint for step {step} in {path}. Available steps: "
+                f"{steps or 'none'}."
+            )
+        return _integrity.verify(folder, item_handlers=handle.item_handlers())
 
     # ------------------------------------------------------------------ listing
 

@@ -15,12 +15,16 @@ logger = logging.getLogger("datarax_ckpt")
 STEP_PREFIX = "ckpt-"
 UNVERSIONED = "checkpoint"
 BACKUP_SUFFIX = ".datarax-backup"
+# Retention moves a step here with one atomic rename before deleting it, so a process
+# killed mid-deletion never leaves a half-deleted ckpt-<step>/ that would be listed.
+TRASH = ".datarax-trash"
 _STEP_RE = re.compile(r"^ckpt-(0|[1-9]\d*)$")
 _BACKUP_RE = re.compile(rf"^(ckpt-(?:0|[1-9]\d*)|{UNVERSIONED}){re.escape(BACKUP_SUFFIX)}$")
 
 ITEM_STATE = "state"
 ITEM_MANIFEST = "manifest"
 ITEM_METADATA = "metadata"
+ITEM_CHECKSUMS = "checksums"  # content checksums, see _integrity.py
 
 
 def step_name(step: int | None) -> str:
@@ -96,14 +100,22 @@ def remove_partial(directory: epath.Path, name: str) -> None:
             child.rmtree(missing_ok=True)
 
 
+def empty_trash(directory: epath.Path) -> None:
+    """Deletes the steps that retention moved to the :data:`TRASH` folder."""
+    trash = directory / TRASH
+    if trash.exists():
+        trash.rmtree(missing_ok=True)
+
+
 def recover(directory: epath.Path) -> None:
-    """Finishes or undoes overwrites interrupted by a crash.
+    """Finishes or undoes overwrites interrupted by a crash, and finishes deletions.
 
     A backup whose checkpoint was not committed again is put back; a backup whose
-    replacement was committed is deleted.
+    replacement was committed is deleted; steps left in :data:`TRASH` are deleted.
     """
     if not directory.is_dir():
         return
+    empty_trash(directory)
     for child in directory.iterdir():
         match = _BACKUP_RE.match(child.name)
         if match is None:

@@ -146,7 +146,8 @@ class Coordinator:
         for i, p in enumerate(payloads):
             if "error" in p:
                 raise CheckpointError(
-                    f"Process {i} failed to prepare its save to {self.where}: {p['error']}. "
+                    f"Process {i} failed to prepare its save to {self.where}: "
+                    f"{p['error'].rstrip('.')}. "
                     "No process saved. Every process must call save() with an equal, "
                     "valid state."
                 )
@@ -154,8 +155,7 @@ class Coordinator:
             # Rare path: a second exchange names the differing leaves.
             leaves = {"call": _hash(json.dumps([call, metadata]).encode())}
             leaves.update(leaf_digests(arrays, manifest))
-            mine = self.exchange("diagnose", leaves)
-            raise _mismatch_error(self.where, mine)
+            raise _mismatch_error(self.where, self.exchange("diagnose", leaves))
         return all(p["proceed"] for p in payloads)
 
 
@@ -166,15 +166,26 @@ def _hash(*chunks: Any) -> str:
     return h.hexdigest()
 
 
-def _bytes(value: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(value)).cast("B")
+def _bytes(value: Any) -> memoryview:
+    return memoryview(np.ascontiguousarray(np.asarray(value))).cast("B")
+
+
+def _written_by_primary(value: Any) -> bool:
+    """Whether process 0 writes ``value`` whole: numpy, or a jax.Array it holds whole.
+
+    In a multi-process save, capture turns host-local jax.Arrays into numpy arrays, so
+    only arrays sharded over processes are left out (each process writes its shards).
+    """
+    return isinstance(value, np.ndarray) or (
+        isinstance(value, jax.Array) and value.is_fully_addressable
+    )
 
 
 def _digest(arrays: Mapping[str, Any], manifest: dict, metadata: dict, call: list) -> str:
     h = hashlib.sha256(json.dumps([manifest, metadata, call], sort_keys=True).encode())
     for key in sorted(arrays):
         value = arrays[key]
-        if isinstance(value, np.ndarray):
+        if _written_by_primary(value):
             h.update(key.encode())
             h.update(_bytes(value))
     return h.hexdigest()
@@ -216,12 +227,17 @@ def leaf_digests(arrays: Mapping[str, Any], manifest: dict) -> dict[str, str]:
             if "pack" in entry:
                 buffer = arrays[packs[entry["pack"]]["key"]]
                 size = int(np.prod(entry["shape"], dtype=np.int64))
-                if isinstance(buffer, np.ndarray):
-                    chunks.append(_bytes(buffer[entry["offset"] : entry["offset"] + size]))
-            elif "key" in entry and isinstance(arrays[entry["key"]], np.ndarray):
+                if _written_by_primary(buffer):
+                    start = entry["offset"]
+                    chunks.append(_bytes(np.asarray(buffer)[start : start + size]))
+            elif "key" in entry and _written_by_primary(arrays[entry["key"]]):
                 chunks.append(_bytes(arrays[entry["key"]]))
-        out[path or "<root>"] = _hash(*chunks)
+        out[path] = _hash(*chunks)
     return out
+
+
+def _below(path: str, parent: str) -> bool:
+    return path.startswith(parent) and path[len(parent) : len(parent) + 1] in ("[", ".")
 
 
 def _mismatch_error(where: str, payloads: list[dict]) -> ProcessMismatchError:
@@ -235,10 +251,12 @@ def _mismatch_error(where: str, payloads: list[dict]) -> ProcessMismatchError:
             for p in set(reference) | set(other)
             if p != "call" and reference.get(p) != other.get(p)
         )
-        # A differing container also changes nothing below it; report the deepest paths.
-        deepest = [p for p in paths if not any(q != p and q.startswith(p) for q in paths)]
+        # A container differs only in its own type or keys; then its added or removed
+        # children differ too, and they are the informative paths to report.
+        deepest = [p for p in paths if not any(_below(q, p) for q in paths)]
         if deepest:
-            shown = ", ".join(deepest[:8]) + (" ..." if len(deepest) > 8 else "")
+            shown = ", ".join(p or "<root>" for p in deepest[:8])
+            shown += " ..." if len(deepest) > 8 else ""
             lines.append(f"process {i}: differs from process 0 at {shown}")
     return ProcessMismatchError(
         f"save() to {where} got different data on different processes ("

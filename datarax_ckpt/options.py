@@ -40,6 +40,13 @@ class CheckpointOptions:
             drain. ``"skip"``: the save is dropped with a logged warning and returns None.
         cleanup_tmp_directories: Remove temporary folders left by a killed save when a
             directory is first used.
+        checksums: Record an xxh3-64 checksum of every stored array (and of the manifest
+            and metadata) with each save, computed on the background thread. It lets
+            ``verify()`` and ``restore()`` detect silent corruption (see ``docs/trust.md``
+            for its measured cost).
+        verify_on_restore: Check the recorded checksums of everything ``restore()`` reads
+            (default True: hashing runs at several GB/s, far above Orbax's read rate).
+            ``restore(verify=...)`` overrides it per call.
 
     Raises:
         ValueError: if a value is out of range.
@@ -60,9 +67,18 @@ class CheckpointOptions:
     max_pending_bytes: int | None = None
     on_backpressure: Literal["wait", "skip"] = "wait"
     cleanup_tmp_directories: bool = True
+    checksums: bool = True
+    verify_on_restore: bool = True
 
     def __post_init__(self):
-        for name in ("async_save", "use_compression", "use_ocdbt", "cleanup_tmp_directories"):
+        for name in (
+            "async_save",
+            "use_compression",
+            "use_ocdbt",
+            "cleanup_tmp_directories",
+            "checksums",
+            "verify_on_restore",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CheckpointOptions.{name} must be a bool, got {value!r}.")

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -64,7 +65,12 @@ def _is_graph_node(x: Any) -> bool:
 
 
 def _is_key(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return isinstance(x, jax.Array) and _is_key_dtype(x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_key_dtype(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _where(path: str) -> str:
@@ -355,7 +361,9 @@ class _Planner:
 
     def plan(self, node: dict, target: Any, path: str, *, use_target: bool) -> _Builder:
         kind = node["t"]
-        if use_target and isinstance(target, Checkpointable) and not isinstance(target, type):
+        # As in encoding, only objects need the slow protocol and graph-node checks.
+        is_object = use_target and type(target) not in _PLAIN and not isinstance(target, _ARRAYS)
+        if is_object and isinstance(target, Checkpointable) and not isinstance(target, type):
             if kind != "obj":
                 raise self._mismatch(path, f"a Checkpointable {type(target).__name__}", kind)
             inner = self.plan(node["c"], None, path, use_target=False)
@@ -365,7 +373,7 @@ class _Planner:
                 return target
 
             return build_obj
-        if use_target and _is_graph_node(target):
+        if is_object and _is_graph_node(target):
             from flax import nnx
 
             if kind != "nnx":

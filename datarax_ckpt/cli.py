@@ -1,0 +1,427 @@
+"""The ``datarax-ckpt`` command line: list, show, verify and delete checkpoints."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from etils import epath
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from datarax_ckpt import _integrity, _layout
+
+EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
+EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
+
+app = typer.Typer(
+    name="datarax-ckpt",
+    help=(
+        "Look after datarax_ckpt checkpoint directories from the shell.\n\n"
+        "A checkpoint directory (the DIR you pass to handler.save) holds one ckpt-<step>/ "
+        "folder per step and possibly an unversioned checkpoint/ folder.\n\n"
+        "Start with `datarax-ckpt ls DIR`, then `datarax-ckpt show DIR` to see what a step "
+        "holds and `datarax-ckpt verify DIR --all` to check every file against the "
+        "checksums recorded at save time. Exit status: 0 success, 1 damage found, "
+        "2 bad arguments or not a checkpoint directory."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+DirArg = Annotated[
+    Path,
+    typer.Argument(metavar="DIR", help="The checkpoint directory (holding ckpt-<step>/ folders)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead.")]
+
+
+def main() -> None:
+    """Entry point of the ``datarax-ckpt`` console script."""
+    app()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
+    """``(label, step, folder)`` of every checkpoint folder, steps ascending, then others."""
+    if not directory.exists():
+        raise _fail(f"{directory} does not exist.")
+    if not directory.is_dir():
+        raise _fail(f"{directory} is a file, not a checkpoint directory.")
+    steps, others = [], []
+    for child in directory.iterdir():
+        name = child.name
+        if not child.is_dir():
+            continue
+        match = _layout._STEP_RE.match(name)
+        if match:
+            steps.append((name, int(match.group(1)), child))
+        elif name == _layout.UNVERSIONED:
+            others.append((name, None, child))
+        elif ".orbax-checkpoint-tmp" in name and (
+            name.startswith(_layout.STEP_PREFIX) or name.startswith(_layout.UNVERSIONED)
+        ):
+            others.append((name, None, child))
+    if not steps and not others:
+        hint = ""
+        inner = [
+            child
+            for child in sorted(directory.iterdir())
+            if child.is_dir()
+            and any(
+                _layout._STEP_RE.match(c.name) or c.name == _layout.UNVERSIONED
+                for c in child.iterdir()
+                if c.is_dir()
+            )
+        ]
+        if (directory / _integrity.CHECKPOINT_METADATA).exists():
+            hint = (
+                f" It looks like one checkpoint folder: pass its parent instead, e.g. "
+                f"`datarax-ckpt show {directory.parent} --step N`."
+            )
+        elif inner:
+            names = ", ".join(str(c) for c in inner[:5])
+            hint = f" These subfolders hold checkpoints: {names}."
+        raise _fail(
+            f"{directory} is not a datarax_ckpt checkpoint directory: it holds no "
+            f"ckpt-<step>/ folder and no {_layout.UNVERSIONED}/ folder.{hint}"
+        )
+    return sorted(steps, key=lambda e: e[1]) + sorted(others, key=lambda e: e[0])
+
+
+def _pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
+    """The folder ``show``/``verify`` work on: ``--step N``, else the latest step."""
+    folders = _folders(directory)
+    steps = [e for e in folders if e[1] is not None]
+    if step is not None:
+        for entry in steps:
+            if entry[1] == step:
+                return entry
+        raise _fail(
+            f"{directory} has no step {step}. Steps: {[e[1] for e in steps] or 'none'} "
+            "(see `datarax-ckpt ls`)."
+        )
+    if steps:
+        return steps[-1]
+    unversioned = [e for e in folders if e[0] == _layout.UNVERSIONED]
+    if unversioned:
+        return unversioned[0]
+    raise _fail(f"{directory} holds only unfinished saves; see `datarax-ckpt ls {directory}`.")
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _human(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _written(folder: Path, structure: _integrity.Structure) -> str:
+    meta = structure.checkpoint_metadata or {}
+    nsecs = meta.get("commit_timestamp_nsecs") or meta.get("init_timestamp_nsecs")
+    seconds = nsecs / 1e9 if isinstance(nsecs, int) else folder.stat().st_mtime
+    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _summary(metadata: Any, width: int = 48) -> str:
+    if not isinstance(metadata, dict) or not metadata:
+        return "-"
+    parts = []
+    for key, value in metadata.items():
+        shown = json.dumps(value) if isinstance(value, str | int | float | bool) else "{…}"
+        if isinstance(value, list):
+            shown = f"[{len(value)} items]"
+        parts.append(f"{key}={shown}")
+    text = ", ".join(parts)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _status(structure: _integrity.Structure, label: str) -> tuple[str, str]:
+    """``(plain status, rich status)`` of a quick check."""
+    if ".orbax-checkpoint-tmp" in label:
+        return "incomplete", "[yellow]incomplete (unfinished save)[/]"
+    if structure.problems:
+        first = structure.problems[0]
+        extra = f" (+{len(structure.problems) - 1})" if len(structure.problems) > 1 else ""
+        text = f"{first.kind.replace('_', ' ')}{extra}"
+        return f"corrupt: {text}", f"[bold red]CORRUPT[/] {escape(text)}"
+    return "intact", "[green]intact[/]"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command("ls")
+def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
+    """List checkpoints: step, time, size, quick check, metadata.
+
+    One row per checkpoint folder in DIR: its step, when it was committed, its size on
+    disk, the quick check and a summary of its metadata.
+    The quick check looks at Orbax's commit marker and at every file the data needs
+    (present, long enough) without reading the arrays; `verify` reads everything.
+    """
+    rows = []
+    for label, step, folder in _folders(directory):
+        structure = _integrity.inspect(folder)
+        plain, rich = _status(structure, label)
+        rows.append(
+            {
+                "name": label,
+                "step": step,
+                "path": str(folder),
+                "written": _written(folder, structure),
+                "bytes": _size(folder),
+                "status": plain,
+                "problems": [str(p) for p in structure.problems],
+                "metadata": structure.metadata,
+                "_rich": rich,
+            }
+        )
+    if as_json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "_rich"} for r in rows], indent=2))
+        return
+    table = Table(title=f"{directory}", title_justify="left")
+    for name, justify in (
+        ("step", "right"),
+        ("written", "left"),
+        ("size", "right"),
+        ("quick check", "left"),
+        ("metadata", "left"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=name != "metadata")
+    for r in rows:
+        step = str(r["step"]) if r["step"] is not None else r["name"]
+        table.add_row(
+            step, r["written"], _human(r["bytes"]), r["_rich"], escape(_summary(r["metadata"]))
+        )
+    out.print(table)
+
+
+@app.command("show")
+def show(
+    directory: DirArg,
+    step: Annotated[
+        int | None, typer.Option("--step", "-s", help="The step (default: the latest).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one checkpoint's leaves and metadata.
+
+    Lists every leaf of the saved tree (path, kind, dtype, shape, bytes) and the
+    metadata of the latest step, or of --step N.
+    Small leaves that were packed into one buffer on disk are still listed one by one;
+    the `stored` column says where each leaf's bytes live.
+    """
+    label, step, folder = _pick(directory, step)
+    structure = _integrity.inspect(folder)
+    manifest = structure.manifest
+    if not isinstance(manifest, dict) or manifest.get("format") != "datarax_ckpt":
+        problems = "; ".join(str(p) for p in structure.problems) or "no datarax_ckpt manifest"
+        raise _fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
+    leaves = _integrity.leaf_table(manifest)
+    plain, rich = _status(structure, label)
+    if as_json:
+        doc = {
+            "path": str(folder),
+            "step": step,
+            "written": _written(folder, structure),
+            "bytes": _size(folder),
+            "status": plain,
+            "problems": [str(p) for p in structure.problems],
+            "leaves": [leaf.to_dict() for leaf in leaves],
+            "metadata": structure.metadata,
+        }
+        print(json.dumps(doc, indent=2, default=repr))
+        return
+    total = sum(leaf.nbytes for leaf in leaves)
+    out.print(f"[bold]{escape(str(folder))}[/]")
+    out.print(
+        f"written {_written(folder, structure)}, {_human(_size(folder))} on disk, "
+        f"{len(leaves)} leaves ({_human(total)} of data), quick check: {rich}"
+    )
+    table = Table(show_edge=False)
+    for name in ("path", "kind", "dtype", "shape", "bytes", "stored"):
+        wrap = name == "path"  # long tree paths fold; the other columns keep their width
+        table.add_column(
+            name, justify="right" if name == "bytes" else "left", overflow="fold", no_wrap=not wrap
+        )
+    for leaf in leaves:
+        kind = f"{leaf.kind} ({leaf.lib})" if leaf.lib else leaf.kind
+        shape = "-" if leaf.shape is None else str(tuple(leaf.shape))
+        stored = leaf.stored if leaf.value is None else f"manifest: {leaf.value!r}"
+        table.add_row(
+            escape(leaf.path), kind, escape(leaf.dtype), shape, str(leaf.nbytes), escape(stored)
+        )
+    out.print(table)
+    out.print("metadata:", escape(json.dumps(structure.metadata, indent=2)))
+
+
+@app.command("verify")
+def verify(
+    directory: DirArg,
+    step: Annotated[
+        int | None, typer.Option("--step", "-s", help="The step to check (default: latest).")
+    ] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", "-a", help="Check every checkpoint in DIR.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every file and checksum; exit status 1 on damage.
+
+    Checks the commit marker and every file, then re-reads every stored array through
+    Orbax and compares it with the checksum recorded when it was saved. Exit status 0
+    only when everything checked is intact.
+    """
+    if all_ and step is not None:
+        raise _fail("Pass either --step N or --all, not both.")
+    if all_:
+        targets = [e for e in _folders(directory) if ".orbax-checkpoint-tmp" not in e[0]]
+    else:
+        targets = [_pick(directory, step)]
+    reports = [_integrity.verify(folder) for _, _, folder in targets]
+    if as_json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for (label, _, _), report in zip(targets, reports, strict=True):
+            _print_report(label, report)
+        intact = sum(r.ok for r in reports)
+        colour = "green" if intact == len(reports) else "bold red"
+        out.print(f"[{colour}]{intact} of {len(reports)} checkpoint(s) intact.[/]")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(EXIT_DAMAGED)
+
+
+def _print_report(label: str, report: _integrity.VerifyReport) -> None:
+    if report.ok:
+        detail = (
+            f"{report.arrays_checked} arrays ({_human(report.bytes_checked)}) match their "
+            f"checksums, {report.files_checked} files read"
+        )
+        if not report.checksums_recorded:
+            detail = (
+                f"[yellow]no checksums recorded[/] (saved without them): "
+                f"{report.files_checked} files read, data not compared"
+            )
+        out.print(f"[green]intact[/]   {escape(label)}: {detail}")
+        return
+    out.print(f"[bold red]CORRUPT[/]  {escape(label)}: {len(report.problems)} problem(s)")
+    for problem in report.problems:
+        out.print(f"  - {escape(str(problem))}", soft_wrap=True)
+
+
+@app.command("rm")
+def rm(
+    directory: DirArg,
+    step: Annotated[int, typer.Option("--step", "-s", help="The step to delete.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete one step (asks first unless --yes).
+
+    The folder is first moved out of the directory in one rename, so a crash never
+    leaves a half-deleted step that would look like a corrupt checkpoint.
+    """
+    label, _, folder = _pick(directory, step)
+    if not yes:
+        typer.confirm(f"Delete {folder} ({_human(_size(folder))})?", abort=True, err=True)
+    trash = directory / _layout.TRASH
+    trash.mkdir(exist_ok=True)
+    moved = trash / f"{label}.{uuid.uuid4().hex[:8]}"
+    folder.rename(moved)
+    _layout.empty_trash(epath.Path(directory))
+    out.print(f"Deleted {escape(str(folder))}.")
+
+
+@app.command(
+    "demo",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def demo(ctx: typer.Context) -> None:
+    """Run the crash-and-resume demo.
+
+    The same as `python -m datarax_ckpt.demo`. Extra options are passed on, e.g.
+    `datarax-ckpt demo --steps 50`; see `datarax-ckpt demo --help-demo`.
+    """
+    try:
+        from datarax_ckpt import demo as demo_module
+    except ModuleNotFoundError as e:
+        if e.name != "datarax_ckpt.demo":
+            raise
+        raise _fail("This installation has no datarax_ckpt.demo module.") from e
+    args = ["--help" if a == "--help-demo" else a for a in ctx.args]
+    code = demo_module.main(args)
+    raise typer.Exit(code if isinstance(code, int) else 0)
+
+
+@app.command("bench")
+def bench(
+    config: Annotated[
+        Path,
+        typer.Argument(metavar="CONFIG", help="A config, e.g. configs/bench/cpu-smoke.toml."),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Where results.json/.md and plot.png go.")
+    ] = Path("bench-results"),
+) -> None:
+    """Run the benchmarks of a config file.
+
+    Needs the source checkout's benchmarks/ package (run it from the repository root).
+    """
+    if not config.is_file():
+        raise _fail(
+            f"Benchmark config {config} does not exist. The configs live in configs/bench/ of "
+            "the source checkout, e.g. `datarax-ckpt bench configs/bench/cpu-smoke.toml`."
+        )
+    try:
+        import benchmarks
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks":
+            raise
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            import benchmarks
+        except ModuleNotFoundError:
+            raise _fail(
+                "The benchmarks package is not importable: it lives in the source checkout "
+                "(benchmarks/ beside pyproject.toml), not in the installed package. Run this "
+                "from the repository root after `pip install -e .`."
+            ) from e
+    if not hasattr(benchmarks, "run"):
+        raise _fail("benchmarks.run is missing: this checkout's benchmarks/ is incomplete.")
+    try:
+        benchmarks.run(config, out_dir)
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from e
+    except Exception as e:
+        if type(e).__name__ == "ConfigError":
+            raise _fail(str(e)) from e
+        raise
+    out.print(f"Results in {escape(str(out_dir))}/results.md")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,203 @@
+"""Tests of the benchmark suite: configs, states, and the cpu-smoke run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import benchmarks
+from benchmarks.__main__ import main
+from benchmarks.config import CaseConfig, ConfigError, load_config
+from benchmarks.states import build_state
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "bench"
+SMOKE = CONFIGS / "cpu-smoke.toml"
+ALWAYS = ("datarax_ckpt", "orbax")  # Systems that must run wherever the tests run.
+
+# A valid config; the bad-config tests replace one line of it.
+GOOD = """\
+name = "x"
+repeats = 2
+warmup = 1
+systems = ["datarax_ckpt", "orbax"]
+
+[[cases]]
+kind = "equal"
+size_mb = 1
+
+[[cases]]
+kind = "equal"
+size_mb = 4
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    base = tmp_path_factory.mktemp("smoke")
+    cwd = os.getcwd()
+    os.chdir(base)  # A relative --out, as on the command line (raw Orbax needs absolute paths).
+    try:
+        results = benchmarks.run(SMOKE, "out", progress=False)
+    finally:
+        os.chdir(cwd)
+    return results, base / "out"
+
+
+def test_smoke_writes_valid_json_markdown_and_png(smoke: tuple[dict, Path]) -> None:
+    results, out = smoke
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "ours/orbax" in md and "ours/floor" in md
+    assert not any(p.name.startswith("bench-work-") for p in out.iterdir())  # Cleaned up.
+
+
+def test_smoke_reports_the_environment(smoke: tuple[dict, Path]) -> None:
+    env = smoke[0]["environment"]
+    for pkg in ("python", "jax", "jaxlib", "orbax-checkpoint", "flax", "numpy"):
+        assert env["versions"][pkg]
+    assert env["backend"] == jax.default_backend()
+    assert env["cpu_count"] >= 1 and env["ram_total_bytes"] > 0
+    assert env["filesystem"]["fstype"] != "unknown"
+
+
+def test_smoke_has_every_metric_for_every_system(smoke: tuple[dict, Path]) -> None:
+    results, _ = smoke
+    config = load_config(SMOKE)
+    assert [c["name"] for c in results["cases"]] == [c.name for c in config.cases]
+    for case in results["cases"]:
+        assert set(case["systems"]) == set(config.systems)
+        for name, entry in case["systems"].items():
+            if name == "torch_dcp" and importlib.util.find_spec("torch") is None:
+                assert entry["status"] == "skipped" and "torch" in entry["reason"]
+                continue
+            assert entry["status"] == "ok", entry.get("traceback", entry)
+            assert entry["restore_verified"] is True
+            metrics = entry["metrics"]
+            assert set(metrics) == set(benchmarks.METRICS)
+            for metric, summary in metrics.items():
+                if metric == "restore_metadata_s" and name != "datarax_ckpt":
+                    assert summary["median"] is None and summary["note"]
+                    continue
+                want = config.warmup if metric.startswith("warmup_") else case["repeats"]
+                assert len(summary["samples"]) == want, (case["name"], name, metric)
+                assert summary["min"] <= summary["median"] <= summary["max"]
+            assert metrics["durable_s"]["min"] >= metrics["save_blocking_s"]["min"]
+            assert metrics["disk_bytes"]["median"] > 0
+    assert all(n in results["cases"][0]["systems"] for n in ALWAYS)
+
+
+def test_smoke_measures_host_floors(smoke: tuple[dict, Path]) -> None:
+    for case in smoke[0]["cases"]:
+        for floor in ("memcpy", "disk_write_fsync", "page_cache_read"):
+            f = case["floors"][floor]
+            assert f["bandwidth_gbps"] > 0 and f["time_for_case_s"] > 0
+        if jax.default_backend() == "cpu":
+            assert "skipped" in case["floors"]["pinned_d2h"]
+
+
+@pytest.mark.parametrize("name", ["cpu-smoke", "cpu", "gpu", "tpu"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.toml")
+    assert config.name == name and config.cases
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "size_mb = 4",
+            "size_mb = -3",
+            "x.toml: cases[1].size_mb must be a positive number, got -3",
+        ),
+        ("size_mb = 4", 'size_mb = "big"', "cases[1].size_mb must be a positive number, got 'big'"),
+        ("size_mb = 4", "size_mb = 4\ndtype = 'f8'", "cases[1].dtype must be one of float32"),
+        ("size_mb = 4", "size_mb = 4\nsize_gb = 1", "cases[1].size_gb is not a known key"),
+        ('kind = "equal"\nsize_mb = 4', 'kind = "tiny"', "cases[1].kind must be one of equal"),
+        ('kind = "equal"\nsize_mb = 4', 'kind = "equal"', "cases[1].size_mb is required"),
+        ("size_mb = 4", "size_mb = 4\nnum_leaves = 0", "cases[1].num_leaves must be a positive"),
+        ("size_mb = 4", "size_mb = 4\nrepeats = 1.5", "cases[1].repeats must be a positive"),
+        ('kind = "equal"\nsize_mb = 4', 'kind = "gpt2"\nwidth_scale = 2', "width_scale must be at"),
+        ('kind = "equal"\nsize_mb = 4', 'kind = "gpt2"\nlayers = 0', "cases[1].layers must be a"),
+        ('kind = "equal"\nsize_mb = 4', 'kind = "many_small"\nleaf_kib = 0', "leaf_kib must be a"),
+        ("repeats = 2", "repeats = 0", "x.toml: repeats must be a positive integer, got 0"),
+        ("repeats = 2", "repeats = true", "x.toml: repeats must be a positive integer, got True"),
+        ("warmup = 1", "warmup = 0", "x.toml: warmup must be a positive integer, got 0"),
+        ('"orbax"]', '"orbax", "tf"]', "x.toml: systems[2] must be one of datarax_ckpt"),
+        ('"orbax"]', '"orbax", "orbax"]', "x.toml: systems must not repeat a name"),
+        ("warmup = 1", "warmup = 1\nfloors = ['disk']", "x.toml: floors[0] must be one of memcpy"),
+        ("warmup = 1", "warmup = 1\nrss_interval_ms = -1", "x.toml: rss_interval_ms must be a"),
+        ("warmup = 1", "warmup = 1\nrepeat = 3", "x.toml: repeat is not a known key"),
+        (
+            "size_mb = 1",
+            'size_mb = 1\nname = "c"\n[[cases]]\nkind = "equal"\nsize_mb = 2\nname = "c"',
+            "x.toml: cases must have distinct names",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert GOOD.count(old) == 1
+    path = _write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_bad_config_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"x\.toml: not valid TOML"):
+        load_config(_write(tmp_path, "repeats = "))
+    with pytest.raises(ValueError, match=r"x\.toml: cases must be a non-empty array"):
+        load_config(_write(tmp_path, "repeats = 2\n"))
+
+
+def test_cli_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path, GOOD.replace("size_mb = 4", "size_mb = -3"))
+    assert main(["--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "cases[1].size_mb must be a positive number, got -3" in capsys.readouterr().err
+
+
+def test_gpt2_state_is_random_and_shaped_like_gpt2_small() -> None:
+    case = CaseConfig(kind="gpt2", width_scale=1 / 32)
+    state = build_state(case, seed=0)
+    params = state.tree["params"]
+    assert params["wte"]["embedding"].shape == (1571, 24)
+    assert params["h_11"]["mlp"]["c_fc"]["kernel"].shape == (24, 96)
+    assert params["wte"]["embedding"].dtype == jnp.bfloat16
+    assert state.tree["opt_state"]["mu"]["wte"]["embedding"].dtype == jnp.float32
+    assert state.num_leaves == 3 * (4 + 12 * 12) + 4  # params, mu, nu + count, step, key, name
+    assert isinstance(state.tree["run_name"], str)
+    assert jnp.issubdtype(state.tree["rng"].dtype, jax.dtypes.prng_key)
+    # The raw-Orbax variant: no string, the key as raw key data; same array bytes.
+    assert "run_name" not in state.orbax_tree
+    assert state.orbax_tree["rng"].dtype == jnp.uint32
+    for leaf in jax.tree.leaves(state.tree["params"]):
+        assert np.unique(np.asarray(leaf, np.float32)).size > 1  # Never constant-filled.
+
+
+@pytest.mark.parametrize(
+    ("case", "nbytes", "leaves"),
+    [
+        (CaseConfig(kind="equal", size_mb=2, num_leaves=4), 2 * 2**20, 4),
+        (CaseConfig(kind="equal", size_mb=1, dtype="bfloat16"), 2**20, 8),
+        (CaseConfig(kind="many_small", num_leaves=30, leaf_kib=4), 30 * 4096, 30),
+    ],
+)
+def test_array_states_have_the_requested_size(case: CaseConfig, nbytes: int, leaves: int) -> None:
+    state = build_state(case, seed=1)
+    assert (state.nbytes, state.num_leaves) == (nbytes, leaves)
+    first = np.asarray(jax.tree.leaves(state.tree)[0], np.float32)
+    assert np.unique(first).size > 100  # Random, not constant (bf16 has few distinct values).
