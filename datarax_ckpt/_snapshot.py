@@ -99,6 +99,9 @@ class ArenaPool:
 
 
 _ALIGN = 64
+# Packed buffers are split into bins of at most this size, so that a state with many
+# packed leaves still reaches Orbax as several arrays written in parallel.
+PACK_BIN_BYTES = 64 << 20
 
 
 def _round_up(n: int) -> int:
@@ -119,7 +122,9 @@ def capture(
     mode = resolve_snapshot_mode(snapshot)
     table: list[dict] = []
     jax_buckets: dict[tuple, tuple[dict[str, list[int]], list[int]]] = {}
-    np_groups: dict[str, list[int]] = {}
+    np_groups: dict[tuple[str, int], list[int]] = {}  # (dtype, bin) -> slots
+    open_bins: dict[str, tuple[str, int]] = {}
+    bin_bytes: dict[tuple[str, int], int] = {}
     np_large: list[int] = []
     multiprocess = jax.process_count() > 1
     # On a CPU backend, jax arrays live in host memory: a numpy memcpy copies them at
@@ -154,7 +159,13 @@ def capture(
             else:
                 large.append(i)
         elif small:
-            np_groups.setdefault(dtype_name, []).append(i)
+            nbytes = sizes[i] * dtype.itemsize
+            bin_key = open_bins.get(dtype_name, (dtype_name, 0))
+            if bin_bytes.get(bin_key, 0) + nbytes > PACK_BIN_BYTES and bin_key in np_groups:
+                bin_key = (dtype_name, bin_key[1] + 1)
+            open_bins[dtype_name] = bin_key
+            bin_bytes[bin_key] = bin_bytes.get(bin_key, 0) + nbytes
+            np_groups.setdefault(bin_key, []).append(i)
         else:
             np_large.append(i)
 
@@ -200,8 +211,10 @@ def capture(
     # Host copies: one buffer per dtype for small leaves, one per large leaf, all carved
     # 64-byte aligned from one arena (reused from save to save through ``pool``).
     own = host_backend and not multiprocess
-    group_sizes = {name: sum(sizes[i] for i in idxs) for name, idxs in np_groups.items()}
-    arena_bytes = sum(_round_up(n * jnp.dtype(name).itemsize) for name, n in group_sizes.items())
+    group_sizes = {key: sum(sizes[i] for i in idxs) for key, idxs in np_groups.items()}
+    arena_bytes = sum(
+        _round_up(n * jnp.dtype(name).itemsize) for (name, _), n in group_sizes.items()
+    )
     arena_bytes += sum(_round_up(slots[i].value.nbytes) for i in np_large)
     arena = (
         (pool.take(arena_bytes) if pool else _aligned_empty(arena_bytes, np.uint8))
@@ -217,8 +230,8 @@ def capture(
         cursor += _round_up(size * dtype.itemsize)
         return view
 
-    for name, idxs in np_groups.items():
-        buffer = carve(group_sizes[name], name)
+    for (name, _), idxs in np_groups.items():
+        buffer = carve(group_sizes[(name, _)], name)
         np.concatenate([np.asarray(slots[i].value).reshape(-1) for i in idxs], out=buffer)
         add_pack(name, idxs, buffer, "host")
     for i in np_large:
