@@ -261,3 +261,13 @@ _trees = st.recursive(
 def test_random_trees_round_trip_exactly(tree, threshold):
     assert_identical(roundtrip(tree, pack_threshold_bytes=threshold), tree)
     assert_identical(roundtrip(tree, target=tree, pack_threshold_bytes=threshold), tree)
+
+
+def test_packed_leaves_are_split_into_bins(monkeypatch):
+    from datarax_ckpt import _snapshot
+
+    monkeypatch.setattr(_snapshot, "PACK_BIN_BYTES", 1024)
+    tree = {f"l{i}": np.full(100, i, np.float32) for i in range(12)}  # 400 bytes each
+    arrays, manifest = serialization.serialize(tree)
+    assert [p["size"] for p in manifest["packs"]] == [200] * 6  # two leaves per 1 KiB bin
+    assert_identical(serialization.deserialize(arrays, manifest), tree)
