@@ -583,6 +583,10 @@ class OrbaxCheckpointHandler:
         ) from failures[0][1]
 
     def _read_items(self, handle, path, step, target, metadata_only, verify=False) -> Any:
+        ours = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
+        if not any((path / item).exists() for item in ours):
+            # None of our items: another tool's checkpoint, not a damaged one of ours.
+            serialization.check_manifest(None, str(path))
         structure = _integrity.inspect(path, arrays=not metadata_only)
         if structure.problems:
             raise _integrity.corrupted(path, structure.problems)

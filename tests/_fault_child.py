@@ -48,7 +48,7 @@ POINTS = (
     "commit.before_rename",  # tmp folder complete with commit_success.txt, not renamed
     "commit.after_rename",  # renamed to ckpt-<step>; retention not yet applied
     "retention.delete",  # retention is about to remove an old step
-    "retention.unlink",  # retention removed some files of an old step, not all
+    "retention.unlink",  # retention is removing an old step's files (dies before the nth)
 )
 
 
@@ -173,8 +173,8 @@ def arm(point: str, nth: int, delay_ms: float) -> None:
         _wrap(deleter.StandardCheckpointDeleter, "delete", counter, after=False)
     elif point == "retention.unlink":
         # Deletion of old steps is the only caller of os.unlink/os.rmdir in a save.
-        _wrap(os, "unlink", counter, after=True)
-        _wrap(os, "rmdir", counter, after=True)
+        _wrap(os, "unlink", counter, after=False)
+        _wrap(os, "rmdir", counter, after=False)
     elif point != "none":
         raise ValueError(f"unknown kill point {point!r}")
 
