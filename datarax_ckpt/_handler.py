@@ -610,13 +610,16 @@ class OrbaxCheckpointHandler:
             def read(**items):
                 return manager.restore(step, args=ocp.args.Composite(**items))
 
-        if metadata_only:
-            item = _layout.ITEM_METADATA
-            metadata = read(**{item: ocp.args.JsonRestore()})[item]
-            _integrity.check_json_item(structure, item, metadata)
-            return metadata
         if not (path / _layout.ITEM_MANIFEST).exists():
             serialization.check_manifest(None, str(path))
+        if metadata_only:
+            # The manifest (its size grows with the number of leaves, not their bytes) is
+            # read too, so that a newer format is refused here as well.
+            items = (_layout.ITEM_METADATA, _layout.ITEM_MANIFEST)
+            loaded = read(**{item: ocp.args.JsonRestore() for item in items})
+            serialization.check_manifest(loaded[_layout.ITEM_MANIFEST], str(path))
+            _integrity.check_json_item(structure, _layout.ITEM_METADATA, loaded[items[0]])
+            return loaded[_layout.ITEM_METADATA]
         manifest = read(**{_layout.ITEM_MANIFEST: ocp.args.JsonRestore()})[_layout.ITEM_MANIFEST]
         serialization.check_manifest(manifest, str(path))
         _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
