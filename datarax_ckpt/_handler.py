@@ -316,7 +316,7 @@ class OrbaxCheckpointHandler:
                 before writing; that process raises its own error. No process saves.
             Exception: an error of an earlier background write.
         """
-        _validate.step(step)
+        step = _validate.step(step)
         _validate.keep(keep)
         _validate.flag("overwrite", overwrite)
         metadata = _validate.metadata(metadata)
@@ -528,7 +528,7 @@ class OrbaxCheckpointHandler:
                 or incomplete (and, for ``step=None``, no older step is intact or
                 ``fallback`` is False); it names the file and the leaves.
         """
-        _validate.step(step)
+        step = _validate.step(step)
         _validate.flag("metadata_only", metadata_only)
         _validate.flag("fallback", fallback)
         verify = self.options.verify_on_restore if verify is None else verify
@@ -675,7 +675,7 @@ class OrbaxCheckpointHandler:
             ...     handler.verify(directory, step=1).ok
             True
         """
-        _validate.step(step)
+        step = _validate.step(step)
         path = _validate.directory(directory)
         handle = self._enter(path)
         return handle.run(self._verify, handle, step).result()

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 
-def step(value: Any) -> None:
+def step(value: Any) -> int | None:
+    """Returns the step as a Python int; integer numpy/JAX scalars are accepted."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    is_bool = isinstance(value, bool | np.bool_) or getattr(value, "dtype", None) == np.bool_
+    try:
+        index = None if is_bool else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None:
         raise TypeError(
             f"step must be None or an int >= 0, got {value!r} ({type(value).__name__}). "
             "Pass e.g. step=int(step)."
         )
-    if value < 0:
-        raise ValueError(f"step must be >= 0, got {value}.")
+    if index < 0:
+        raise ValueError(f"step must be >= 0, got {index}.")
+    return index
 
 
 def keep(value: Any) -> None:

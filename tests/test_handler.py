@@ -389,6 +389,21 @@ def test_bad_arguments_raise_before_disk(handler, tmp_path, kwargs, error, match
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("step", [np.int64(3), np.uint8(3), jnp.asarray(3)], ids=repr)
+def test_integer_numpy_and_jax_scalars_are_steps(handler, tmp_path, step):
+    # Training loops often hold the step as an array (e.g. an optimizer's step counter).
+    assert handler.save(tmp_path, {"a": 1}, step=step) == str(tmp_path / "ckpt-3")
+    assert handler.get_checkpoint_steps(tmp_path) == [3]
+    assert handler.restore(tmp_path, step=step) == {"a": 1}
+
+
+@pytest.mark.parametrize("step", [np.float32(3), jnp.asarray(True), jnp.arange(2)], ids=repr)
+def test_non_integer_array_steps_are_refused(handler, tmp_path, step):
+    with pytest.raises(TypeError, match="step must be None or an int"):
+        handler.save(tmp_path / "d", {"a": 1}, step=step)
+    assert not (tmp_path / "d").exists()
+
+
 def test_unsupported_leaf_leaves_nothing_on_disk(handler, tmp_path):
     with pytest.raises(TypeError, match=r"Leaf \['model'\]\['act'\] has unsupported type"):
         handler.save(tmp_path / "d", {"model": {"act": lambda x: x}}, step=1)
