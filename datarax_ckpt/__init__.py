@@ -9,8 +9,8 @@ from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundEr
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
-from datarax_ckpt._integrity import Problem as Problem
-from datarax_ckpt._integrity import VerifyReport as VerifyReport
+from datarax_ckpt._structure import Problem as Problem
+from datarax_ckpt._structure import VerifyReport as VerifyReport
 from datarax_ckpt._typing import Checkpointable as Checkpointable
 from datarax_ckpt._typing import PathLike as PathLike
 from datarax_ckpt._typing import PyTree as PyTree

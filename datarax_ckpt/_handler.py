@@ -16,7 +16,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _integrity, _layout, _multihost, _snapshot, _validate, serialization
+from datarax_ckpt import (
+    _integrity,
+    _layout,
+    _multihost,
+    _snapshot,
+    _structure,
+    _validate,
+    serialization,
+)
 from datarax_ckpt._errors import (
     CheckpointCorruptedError,
     CheckpointExistsError,
@@ -587,9 +595,9 @@ class OrbaxCheckpointHandler:
         if not any((path / item).exists() for item in ours):
             # None of our items: another tool's checkpoint, not a damaged one of ours.
             serialization.check_manifest(None, str(path))
-        structure = _integrity.inspect(path, arrays=not metadata_only)
+        structure = _structure.inspect(path, arrays=not metadata_only)
         if structure.problems:
-            raise _integrity.corrupted(path, structure.problems)
+            raise _structure.corrupted(path, structure.problems)
         if not verify:
             structure.checksums = None
         with _integrity.reading(structure):
@@ -645,7 +653,7 @@ class OrbaxCheckpointHandler:
 
     # ------------------------------------------------------------------ verifying
 
-    def verify(self, directory: PathLike, step: int | None = None) -> _integrity.VerifyReport:
+    def verify(self, directory: PathLike, step: int | None = None) -> _structure.VerifyReport:
         """Re-reads a checkpoint (after pending saves) and checks everything it holds.
 
         Checks that the step is committed (Orbax's commit marker), that every file the
@@ -680,7 +688,7 @@ class OrbaxCheckpointHandler:
         handle = self._enter(path)
         return handle.run(self._verify, handle, step).result()
 
-    def _verify(self, handle: _Directory, step: int | None) -> _integrity.VerifyReport:
+    def _verify(self, handle: _Directory, step: int | None) -> _structure.VerifyReport:
         path = handle.path
         if not path.is_dir():
             raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")

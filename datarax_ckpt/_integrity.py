@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import json
 import math
 import re
@@ -37,25 +36,30 @@ import xxhash
 from etils import epath
 
 from datarax_ckpt import _layout
-from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
+from datarax_ckpt._errors import CheckpointError
+from datarax_ckpt._structure import (
+    _JSON_FILE,
+    _JSON_ITEMS,
+    Problem,
+    Structure,
+    VerifyReport,
+    _first_line,
+    _slot_paths,
+    _step_of,
+    _stored_keys,
+    corrupted,
+    inspect,
+    is_storage_error,
+    stored_arrays,
+)
 
 ALGORITHM = "xxh3_64"
 CHECKSUMS_VERSION = 1
-COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed step folder
-CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
-_JSON_FILE = "metadata"  # the file name Orbax's JsonCheckpointHandler writes in its item folder
-_JSON_ITEMS = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
 _HASH_CHUNK = 64 << 20  # xxhash releases the GIL per update(): bounded chunks keep it released
 _READ_CHUNK = 16 << 20
 _VERIFY_BATCH_BYTES = 1 << 30  # arrays re-read per Orbax call during verify (bounds memory)
 
 # Storage errors of TensorStore/Orbax that mean a damaged or missing file.
-_STORAGE_ERROR = re.compile(
-    r"(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|UNAVAILABLE)"
-    r"[^\n]*(Error reading|Error opening|does not exist|Not enough data|Requested byte range"
-    r"|checksum|corrupt|Failed to decode|Error decoding)",
-    re.IGNORECASE,
-)
 
 
 # --------------------------------------------------------------------------- hashing
@@ -144,467 +148,6 @@ def _pack_segments(manifest: dict) -> dict[str, list[tuple[int, int, int]]]:
     return out
 
 
-# --------------------------------------------------------------------------- manifest views
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafInfo:
-    """One logical leaf of a saved tree, as the manifest describes it."""
-
-    path: str
-    kind: str  # "array", "key", "str", "bytes", "int", "float", "bool", "complex", "none"
-    dtype: str
-    shape: tuple[int, ...] | None
-    nbytes: int
-    stored: str  # "a3", "p0[12:15]", "manifest" or "empty"
-    lib: str | None = None  # for arrays: "jax", "numpy" or "npscalar"
-    value: Any = None  # Python scalars only
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["shape"] = list(self.shape) if self.shape is not None else None
-        return out
-
-
-def _walk(node: dict, path: str, out: list[tuple[str, dict]]) -> None:
-    from datarax_ckpt.serialization import _join
-
-    kind = node["t"]
-    if kind == "obj":
-        _walk(node["c"], f"{path}.get_state()", out)
-    elif kind == "nnx":
-        _walk(node["c"], path, out)
-    elif kind == "dict":
-        for key, child in zip(node["k"], node["c"], strict=True):
-            _walk(child, _join(path, key), out)
-    elif kind in ("list", "tuple"):
-        for i, child in enumerate(node["c"]):
-            _walk(child, f"{path}[{i}]", out)
-    elif kind == "node":
-        for key, child in zip(node["k"], node["c"], strict=True):
-            _walk(child, _join(path, key, attr=isinstance(key, str)), out)
-    else:
-        out.append((path or "<root>", node))
-
-
-def _storage_of(manifest: dict, slot: int) -> tuple[str | None, str]:
-    entry = manifest["slots"][slot]
-    if "key" in entry:
-        return entry["key"], entry["key"]
-    if "pack" in entry:
-        key = manifest["packs"][entry["pack"]]["key"]
-        size = math.prod(entry["shape"])
-        return key, f"{key}[{entry['offset']}:{entry['offset'] + size}]"
-    return None, "empty"
-
-
-def leaf_table(manifest: dict) -> list[LeafInfo]:
-    """Every logical leaf (packed ones included) with its kind, dtype, shape and bytes."""
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    leaves = []
-    for path, node in nodes:
-        kind = node["t"]
-        if "s" not in node:
-            value = complex(*node["v"]) if kind == "complex" else node.get("v")
-            shape = () if kind != "none" else None
-            leaves.append(LeafInfo(path, kind, kind, shape, 0, "manifest", value=value))
-            continue
-        slot = manifest["slots"][node["s"]]
-        _, stored = _storage_of(manifest, node["s"])
-        shape = tuple(slot["shape"])
-        nbytes = math.prod(shape) * jnp.dtype(slot["dtype"]).itemsize
-        if kind == "key":
-            leaves.append(LeafInfo(path, kind, f"key<{node['impl']}>", shape[:-1], nbytes, stored))
-        elif kind in ("str", "bytes"):
-            leaves.append(LeafInfo(path, kind, kind, None, nbytes, stored))
-        else:
-            leaves.append(
-                LeafInfo(path, kind, slot["dtype"], shape, nbytes, stored, lib=node.get("lib"))
-            )
-    return leaves
-
-
-def stored_arrays(manifest: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """``{storage key: (dtype, shape)}`` of the arrays Orbax holds for a manifest."""
-    out = {p["key"]: (jnp.dtype(p["dtype"]), (p["size"],)) for p in manifest["packs"]}
-    for entry in manifest["slots"]:
-        if "key" in entry:
-            out[entry["key"]] = (jnp.dtype(entry["dtype"]), tuple(entry["shape"]))
-    return out
-
-
-def _slot_paths(manifest: dict) -> dict[int, str]:
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    return {node["s"]: path for path, node in nodes if "s" in node}
-
-
-def _damaged_leaves(value: Any, record: dict, structure: Structure) -> tuple[str, ...]:
-    """The packed leaves whose own checksum differs (empty if not recorded per leaf)."""
-    sums = record.get("slots")
-    if not sums or structure.manifest is None:
-        return ()
-    flat = np.asarray(value).reshape(-1)
-    bounds = {
-        slot: (a, b) for segs in _pack_segments(structure.manifest).values() for slot, a, b in segs
-    }
-    paths = _slot_paths(structure.manifest)
-    bad = []
-    for slot, expected in sums.items():
-        start, stop = bounds.get(int(slot), (0, 0))
-        if hash_array(flat[start:stop]) != expected:
-            bad.append(paths.get(int(slot), f"slot {slot}"))
-    return tuple(bad)
-
-
-def leaves_by_key(manifest: dict | None) -> dict[str, list[str]]:
-    """``{storage key: [tree paths of the leaves stored in it]}``."""
-    if manifest is None:
-        return {}
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    out: dict[str, list[str]] = {}
-    for path, node in nodes:
-        if "s" in node:
-            key, _ = _storage_of(manifest, node["s"])
-            if key is not None:
-                out.setdefault(key, []).append(path)
-    return out
-
-
-# --------------------------------------------------------------------------- reports
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a checkpoint.
-
-    Attributes:
-        kind: ``"not_committed"``, ``"missing_file"``, ``"truncated_file"``,
-            ``"unreadable_file"``, ``"missing_item"``, ``"checksum_mismatch"``,
-            ``"missing_checksum"`` or ``"unreadable_array"``.
-        message: What is wrong, in words.
-        file: The file concerned, relative to the checkpoint folder, if known.
-        key: The stored array concerned (Orbax key such as ``"p0"`` or ``"a3"``).
-        leaves: Tree paths of the logical leaves whose data is affected.
-    """
-
-    kind: str
-    message: str
-    file: str | None = None
-    key: str | None = None
-    leaves: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        where = f"{self.file}: " if self.file else ""
-        text = f"{where}{self.message}"
-        if self.key is not None:
-            shown = ", ".join(self.leaves[:5]) + (" ..." if len(self.leaves) > 5 else "")
-            text += f" [stored array {self.key!r}; leaves: {shown or 'none'}]"
-        return text
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyReport:
-    """The result of checking one checkpoint folder.
-
-    Attributes:
-        path: The checkpoint folder (``.../ckpt-<step>`` or ``.../checkpoint``).
-        step: Its step, or None for the unversioned checkpoint.
-        problems: Everything found wrong; empty when the checkpoint is intact.
-        checksums_recorded: False for checkpoints written without checksums (then
-            the data could be re-read but not compared).
-        arrays_checked: Stored arrays re-read and compared with their checksum.
-        bytes_checked: Their bytes.
-        files_checked: Files under the folder read from start to end.
-        full: False for the quick check (commit marker and files present, no reading).
-        notes: Remarks that are not damage, e.g. ``"no checksums recorded"``.
-
-    Example:
-        >>> report = VerifyReport(path="run/ckpt-1", step=1, problems=())
-        >>> report.ok
-        True
-    """
-
-    path: str
-    step: int | None
-    problems: tuple[Problem, ...]
-    checksums_recorded: bool = True
-    arrays_checked: int = 0
-    bytes_checked: int = 0
-    files_checked: int = 0
-    full: bool = True
-    notes: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.problems
-
-    def raise_if_corrupted(self) -> None:
-        """Raises :class:`~datarax_ckpt.CheckpointCorruptedError` unless ``ok``."""
-        if self.problems:
-            raise CheckpointCorruptedError(_describe(self.path, self.problems), report=self)
-
-    def to_dict(self) -> dict:
-        """A JSON-serializable form (``datarax-ckpt verify --json``)."""
-        out = dataclasses.asdict(self)
-        out["ok"] = self.ok
-        return out
-
-    def __str__(self) -> str:
-        if self.ok:
-            n = self.arrays_checked
-            done = (
-                f"{n} array{'' if n == 1 else 's'} ({self.bytes_checked / 2**20:.2f} MiB) "
-                "compared with their checksums"
-                if self.full
-                else "quick check"
-            )
-            notes = "".join(f"; {n}" for n in self.notes)
-            return f"{self.path}: intact ({done}){notes}"
-        return _describe(self.path, self.problems)
-
-
-def _describe(path: str, problems: tuple[Problem, ...] | list[Problem]) -> str:
-    lines = [f"Checkpoint {path} is corrupted or incomplete ({len(problems)} problem(s)):"]
-    lines += [f"  - {p}" for p in problems[:20]]
-    if len(problems) > 20:
-        lines.append(f"  - ... and {len(problems) - 20} more")
-    return "\n".join(lines)
-
-
-def corrupted(path: epath.Path, problems: list[Problem]) -> CheckpointCorruptedError:
-    """The error for ``problems`` found in the checkpoint folder ``path``."""
-    report = VerifyReport(path=str(path), step=_step_of(path), problems=tuple(problems), full=False)
-    return CheckpointCorruptedError(_describe(str(path), problems), report=report)
-
-
-def _step_of(path: epath.Path) -> int | None:
-    name = path.name
-    return int(name[len(_layout.STEP_PREFIX) :]) if _layout._STEP_RE.match(name) else None
-
-
-# --------------------------------------------------------------------------- structure
-
-
-@dataclasses.dataclass
-class Structure:
-    """What the quick check learned about a checkpoint folder (no array data read)."""
-
-    path: epath.Path
-    problems: list[Problem]
-    items: set[str]
-    checkpoint_metadata: dict | None = None
-    manifest: dict | None = None
-    metadata: dict | None = None
-    checksums: dict | None = None
-    files_by_key: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    _leaves: dict[str, list[str]] | None = None
-
-    def leaves(self, key: str) -> tuple[str, ...]:
-        if self._leaves is None:
-            self._leaves = leaves_by_key(self.manifest)
-        return tuple(self._leaves.get(key, ()))
-
-    def file_of(self, key: str) -> str | None:
-        files = self.files_by_key.get(key)
-        return f"{_layout.ITEM_STATE}/{files[0]}" if files else None
-
-
-def _read_json(path: epath.Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
-    """The quick check: commit marker, item folders, JSON items, files the data needs.
-
-    Reads only small files (JSON items and the OCDBT b-tree), never array data;
-    ``arrays=False`` skips the array item entirely (for metadata-only reads).
-    """
-    path = epath.Path(path)
-    problems: list[Problem] = []
-    if not path.is_dir():
-        problems.append(Problem("missing_file", "the checkpoint folder does not exist", "."))
-        return Structure(path, problems, set())
-    if ".orbax-checkpoint-tmp" in path.name or not _layout.is_committed(path):
-        problems.append(Problem("not_committed", "a temporary folder of an unfinished save", "."))
-    elif not (path / COMMIT_MARKER).exists():
-        problems.append(
-            Problem(
-                "not_committed",
-                "Orbax's commit marker is missing: the save did not finish or the marker "
-                "was deleted",
-                COMMIT_MARKER,
-            )
-        )
-    structure = Structure(path, problems, set())
-    try:
-        structure.checkpoint_metadata = _read_json(path / CHECKPOINT_METADATA)
-        handlers = structure.checkpoint_metadata.get("item_handlers") or {}
-        structure.items = set(handlers) if isinstance(handlers, dict) else set()
-    except FileNotFoundError:
-        problems.append(
-            Problem("missing_file", "Orbax's checkpoint metadata is missing", CHECKPOINT_METADATA)
-        )
-    except (OSError, ValueError, AttributeError) as e:
-        problems.append(Problem("unreadable_file", f"unreadable: {e}", CHECKPOINT_METADATA))
-    if not structure.items:  # unknown: expect what datarax_ckpt always writes
-        structure.items = {_layout.ITEM_MANIFEST, _layout.ITEM_METADATA}
-        structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if (path / i).exists()}
-    wanted = _JSON_ITEMS if arrays else (_layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
-    for item in sorted(structure.items & set(wanted)):
-        file = f"{item}/{_JSON_FILE}"
-        try:
-            setattr(structure, item, _read_json(path / item / _JSON_FILE))
-        except FileNotFoundError:
-            problems.append(Problem("missing_file", f"the {item} item is missing", file))
-        except (OSError, ValueError) as e:
-            problems.append(Problem("unreadable_file", f"unreadable JSON: {e}", file))
-    if structure.checksums is None and structure.manifest is not None:
-        structure.notes.append("no checksums recorded: the data cannot be compared")
-    if arrays and structure.manifest is not None and _stored_keys(structure.manifest):
-        _inspect_state(structure)
-    return structure
-
-
-def _stored_keys(manifest: dict) -> list[str]:
-    try:
-        return list(stored_arrays(manifest))
-    except (KeyError, TypeError, ValueError):
-        return []
-
-
-def _inspect_state(structure: Structure) -> None:
-    state = structure.path / _layout.ITEM_STATE
-    problems = structure.problems
-    if not state.is_dir():
-        problems.append(
-            Problem("missing_item", "the state item (array data) is missing", _layout.ITEM_STATE)
-        )
-        return
-    for name in ("_METADATA",):
-        if not (state / name).exists():
-            problems.append(
-                Problem(
-                    "missing_file",
-                    "Orbax's tree metadata is missing",
-                    f"{_layout.ITEM_STATE}/{name}",
-                )
-            )
-    if (state / "manifest.ocdbt").exists():
-        _inspect_ocdbt(structure, state)
-    elif structure.manifest is not None:  # one zarr folder per array
-        for key in _stored_keys(structure.manifest):
-            structure.files_by_key[key] = [key]
-            if not (state / key).is_dir():
-                problems.append(
-                    Problem(
-                        "missing_file",
-                        "the array's folder is missing",
-                        f"{_layout.ITEM_STATE}/{key}",
-                        key,
-                        structure.leaves(key),
-                    )
-                )
-
-
-def _kvstore_url(path: epath.Path) -> str:
-    text = str(path)
-    if "://" in text:
-        return text.rstrip("/") + "/"
-    return "file://" + str(epath.Path(text).resolve()) + "/"
-
-
-def _ocdbt_refs(state: epath.Path) -> Iterator[tuple[str | None, str, int]]:
-    """``(storage key or None, file relative to state/, bytes needed)`` per OCDBT reference."""
-    import tensorstore as ts
-
-    kvstore = ts.KvStore.open(_kvstore_url(state)).result()
-    dump = ts.ocdbt.dump(kvstore).result()
-    pending = [v["root"]["location"] for v in dump.get("versions", [])[-1:] if v.get("root")]
-    while pending:
-        location = pending.pop()
-        node_file, node_end = _location_file(location)
-        yield None, node_file, node_end
-        node = ts.ocdbt.dump(kvstore, location).result()
-        for entry in node.get("entries", []):
-            key = entry.get("key", b"")
-            key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
-            chunk = not key.endswith((".zarray", "zarr.json"))
-            if "inline_value" in entry and chunk:  # small values live inside the b-tree node
-                yield key.split("/", 1)[0], node_file, 0
-            for value in entry.values():
-                if not isinstance(value, str):
-                    continue
-                if value.startswith("value:"):
-                    yield key.split("/", 1)[0], *_location_file(value)
-                elif value.startswith("btreenode:"):
-                    pending.append(value)
-
-
-def _location_file(location: str) -> tuple[str, int]:
-    head, offset, length = location.rsplit(":", 2)
-    _, base, relative = head.split(":", 2)
-    return f"{base}{relative}", int(offset) + int(length)
-
-
-def _inspect_ocdbt(structure: Structure, state: epath.Path) -> None:
-    problems = structure.problems
-    try:
-        refs = list(_ocdbt_refs(state))
-    except ImportError:  # pragma: no cover - tensorstore comes with orbax
-        structure.notes.append("tensorstore.ocdbt.dump unavailable: data files not listed")
-        return
-    except Exception as e:  # noqa: BLE001 - classified below
-        if not is_storage_error(e):  # e.g. a filesystem TensorStore cannot list: no verdict
-            structure.notes.append(f"data files not listed: {_first_line(e)}")
-            return
-        problems.append(
-            Problem(
-                "unreadable_file",
-                f"the OCDBT index cannot be read: {_first_line(e)}",
-                f"{_layout.ITEM_STATE}/manifest.ocdbt",
-            )
-        )
-        return
-    needed: dict[str, int] = {}
-    keys_of: dict[str, set[str]] = {}
-    for key, file, end in refs:
-        needed[file] = max(needed.get(file, 0), end)
-        if key is not None:
-            structure.files_by_key.setdefault(key, [])
-            if file not in structure.files_by_key[key]:
-                structure.files_by_key[key].append(file)
-            keys_of.setdefault(file, set()).add(key)
-    for file, end in sorted(needed.items()):
-        full = state / file
-        keys = sorted(keys_of.get(file, ()))
-        key = keys[0] if keys else None
-        leaves = tuple(p for k in keys for p in structure.leaves(k))
-        rel = f"{_layout.ITEM_STATE}/{file}"
-        try:
-            size = full.stat().length
-        except FileNotFoundError:
-            problems.append(Problem("missing_file", "a data file is missing", rel, key, leaves))
-            continue
-        except OSError as e:
-            problems.append(Problem("unreadable_file", f"cannot stat: {e}", rel, key, leaves))
-            continue
-        if size < end:
-            problems.append(
-                Problem(
-                    "truncated_file",
-                    f"truncated: {size} bytes, at least {end} expected",
-                    rel,
-                    key,
-                    leaves,
-                )
-            )
-
-
 # --------------------------------------------------------------------------- full verify
 
 
@@ -614,37 +157,6 @@ def default_item_handlers() -> dict[str, Any]:
         _layout.ITEM_STATE: ocp.PyTreeCheckpointHandler(),
         **{item: ocp.JsonCheckpointHandler() for item in _JSON_ITEMS},
     }
-
-
-def _first_line(error: BaseException) -> str:
-    """The most specific message in an exception chain (TensorStore's own, if any)."""
-    chain, seen = [], set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    for exc in reversed(chain):
-        text = str(exc).strip()
-        if text:
-            return text.splitlines()[0][:400]
-    return type(error).__name__
-
-
-def is_storage_error(error: BaseException) -> bool:
-    """True if ``error`` (or its cause) says a file is damaged, missing or unreadable."""
-    current: BaseException | None = error
-    seen = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, CheckpointError):
-            return False
-        if isinstance(current, OSError | json.JSONDecodeError | UnicodeDecodeError):
-            return True
-        if _STORAGE_ERROR.search(str(current)):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 @contextlib.contextmanager
@@ -716,6 +228,24 @@ def _json_problem(structure: Structure, item: str, value: Any) -> Problem | None
         f"content checksum mismatch of the {item} item (tree, Python scalars or metadata)",
         f"{item}/{_JSON_FILE}",
     )
+
+
+def _damaged_leaves(value: Any, record: dict, structure: Structure) -> tuple[str, ...]:
+    """The packed leaves whose own checksum differs (empty if not recorded per leaf)."""
+    sums = record.get("slots")
+    if not sums or structure.manifest is None:
+        return ()
+    flat = np.asarray(value).reshape(-1)
+    bounds = {
+        slot: (a, b) for segs in _pack_segments(structure.manifest).values() for slot, a, b in segs
+    }
+    paths = _slot_paths(structure.manifest)
+    bad = []
+    for slot, expected in sums.items():
+        start, stop = bounds.get(int(slot), (0, 0))
+        if hash_array(flat[start:stop]) != expected:
+            bad.append(paths.get(int(slot), f"slot {slot}"))
+    return tuple(bad)
 
 
 def load_verified(

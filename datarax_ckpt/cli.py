@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from datarax_ckpt import _integrity, _layout
+from datarax_ckpt import _integrity, _layout, _structure
 
 EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
 EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
@@ -92,7 +92,7 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
                 if c.is_dir()
             )
         ]
-        if (directory / _integrity.CHECKPOINT_METADATA).exists():
+        if (directory / _structure.CHECKPOINT_METADATA).exists():
             hint = (
                 f" It looks like one checkpoint folder: pass its parent instead, e.g. "
                 f"`datarax-ckpt show {directory.parent} --step N`."
@@ -140,7 +140,7 @@ def _human(nbytes: int) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def _written(folder: Path, structure: _integrity.Structure) -> str:
+def _written(folder: Path, structure: _structure.Structure) -> str:
     meta = structure.checkpoint_metadata or {}
     nsecs = meta.get("commit_timestamp_nsecs") or meta.get("init_timestamp_nsecs")
     seconds = nsecs / 1e9 if isinstance(nsecs, int) else folder.stat().st_mtime
@@ -160,7 +160,7 @@ def _summary(metadata: Any, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _status(structure: _integrity.Structure, label: str) -> tuple[str, str]:
+def _status(structure: _structure.Structure, label: str) -> tuple[str, str]:
     """``(plain status, rich status)`` of a quick check."""
     if ".orbax-checkpoint-tmp" in label:
         return "incomplete", "[yellow]incomplete (unfinished save)[/]"
@@ -186,7 +186,7 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
     """
     rows = []
     for label, step, folder in _folders(directory):
-        structure = _integrity.inspect(folder)
+        structure = _structure.inspect(folder)
         plain, rich = _status(structure, label)
         rows.append(
             {
@@ -237,12 +237,12 @@ def show(
     the `stored` column says where each leaf's bytes live.
     """
     label, step, folder = _pick(directory, step)
-    structure = _integrity.inspect(folder)
+    structure = _structure.inspect(folder)
     manifest = structure.manifest
     if not isinstance(manifest, dict) or manifest.get("format") != "datarax_ckpt":
         problems = "; ".join(str(p) for p in structure.problems) or "no datarax_ckpt manifest"
         raise _fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
-    leaves = _integrity.leaf_table(manifest)
+    leaves = _structure.leaf_table(manifest)
     plain, rich = _status(structure, label)
     if as_json:
         doc = {
@@ -316,7 +316,7 @@ def verify(
         raise typer.Exit(EXIT_DAMAGED)
 
 
-def _print_report(label: str, report: _integrity.VerifyReport) -> None:
+def _print_report(label: str, report: _structure.VerifyReport) -> None:
     if report.ok:
         detail = (
             f"{report.arrays_checked} arrays ({_human(report.bytes_checked)}) match their "

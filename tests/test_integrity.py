@@ -22,6 +22,7 @@ from datarax_ckpt import (
     OrbaxCheckpointHandler,
     VerifyReport,
     _integrity,
+    _structure,
 )
 
 
@@ -261,7 +262,7 @@ def test_verified_restore_keeps_target_sharding_and_dtype(handler, tmp_path):
 def test_leaf_table_lists_packed_leaves_one_by_one(two_steps):
     directory, _ = two_steps
     manifest = json.loads((directory / "ckpt-1" / "manifest" / "metadata").read_text())
-    leaves = {leaf.path: leaf for leaf in _integrity.leaf_table(manifest)}
+    leaves = {leaf.path: leaf for leaf in _structure.leaf_table(manifest)}
     assert set(leaves) == {"['w']", "['b']", "['rng']", "['name']", "['step']"}
     assert (leaves["['b']"].dtype, leaves["['b']"].shape, leaves["['b']"].nbytes) == (
         "bfloat16",
