@@ -74,7 +74,10 @@ class PreemptionGuard:
     preemption service already handles SIGTERM and picks one step for all processes;
     :meth:`register` asks it (``multihost_utils.reached_preemption_sync_point``), so
     every process must call :meth:`register` at every step with the same step ids.
-    After the save every process raises ``SystemExit(143)``.
+    After the save every process raises ``SystemExit(143)``. JAX computes that step in
+    the background; a loop whose steps take microseconds (not a real training step) can
+    run past it, and then the preemption is never reported (seen in a test loop under
+    CPU load, fixed by a 10 ms step).
 
     Args:
         handler: The handler that saves.

@@ -8,7 +8,7 @@ import threading
 import jax.numpy as jnp
 import numpy as np
 import psutil
-from _fault_child import assert_same
+from _trees import assert_identical as assert_same
 
 from datarax_ckpt import OrbaxCheckpointHandler
 

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from _trees import assert_identical
 from flax import nnx
 
 from datarax_ckpt import (
@@ -43,21 +44,6 @@ def make_state(seed=0):
     }
 
 
-def assert_same(a, b):
-    a_leaves, a_def = jax.tree.flatten(a, is_leaf=lambda x: isinstance(x, str | bytes))
-    b_leaves, b_def = jax.tree.flatten(b, is_leaf=lambda x: isinstance(x, str | bytes))
-    assert a_def == b_def
-    for x, y in zip(a_leaves, b_leaves, strict=True):
-        assert type(x) is type(y)
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        if isinstance(x, jax.Array | np.ndarray):
-            assert x.dtype == y.dtype and x.shape == y.shape
-            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
-        else:
-            assert x == y
-
-
 def listing(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
@@ -75,8 +61,8 @@ def test_save_returns_the_folder_and_restore_gets_exact_state(handler, tmp_path)
     state = make_state(3)
     assert handler.save(tmp_path, state, step=3) == str(tmp_path / "ckpt-3")
     assert handler.save(tmp_path, state) == str(tmp_path / "checkpoint")
-    assert_same(handler.restore(tmp_path), state)
-    assert_same(handler.restore(tmp_path, step=3), state)
+    assert_identical(handler.restore(tmp_path), state)
+    assert_identical(handler.restore(tmp_path, step=3), state)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-3"]
 
 
@@ -98,7 +84,7 @@ def test_keep_retention_with_async_saves_leaves_newest_and_no_temporaries(handle
         4: str(tmp_path / "ckpt-4"),
         5: str(tmp_path / "ckpt-5"),
     }
-    assert_same(handler.restore(tmp_path, step=4), make_state(4))
+    assert_identical(handler.restore(tmp_path, step=4), make_state(4))
 
 
 def test_keep_none_keeps_everything(handler, tmp_path):
@@ -138,7 +124,7 @@ def test_back_to_back_saves_all_commit(handler, tmp_path):
     for step, state in enumerate(states):
         handler.save(tmp_path, state, step=step)
     for step, state in enumerate(states):
-        assert_same(handler.restore(tmp_path, step=step), state)
+        assert_identical(handler.restore(tmp_path, step=step), state)
 
 
 # ------------------------------------------------------------------ metadata
@@ -150,7 +136,7 @@ def test_metadata_is_separate_and_exact(handler, tmp_path):
     handler.save(tmp_path, state, step=1, metadata=meta)
     restored_meta = handler.restore(tmp_path, step=1, metadata_only=True)
     assert restored_meta == meta and type(restored_meta["epoch"]) is int
-    assert_same(handler.restore(tmp_path, step=1), state)  # not mixed into the state
+    assert_identical(handler.restore(tmp_path, step=1), state)  # not mixed into the state
 
 
 def test_metadata_only_does_not_read_the_state(handler, tmp_path):
@@ -349,12 +335,12 @@ def test_nnx_model_and_optimizer_are_updated_in_place(handler, tmp_path):
     fresh_opt = nnx.Optimizer(fresh_model, optax.adam(1e-2), wrt=nnx.Param)
     out = handler.restore(tmp_path, {"model": fresh_model, "optimizer": fresh_opt})
     assert out["model"] is fresh_model and out["optimizer"] is fresh_opt
-    assert_same(nnx.state(fresh_model).to_pure_dict(), expected[0])
-    assert_same(nnx.state(fresh_opt).to_pure_dict(), expected[1])
+    assert_identical(nnx.state(fresh_model).to_pure_dict(), expected[0])
+    assert_identical(nnx.state(fresh_opt).to_pure_dict(), expected[1])
     # Training continues identically.
     train_step(model, optimizer)
     train_step(fresh_model, fresh_opt)
-    assert_same(nnx.state(fresh_model).to_pure_dict(), nnx.state(model).to_pure_dict())
+    assert_identical(nnx.state(fresh_model).to_pure_dict(), nnx.state(model).to_pure_dict())
 
 
 def test_optax_state_round_trips_with_its_types(handler, tmp_path):
@@ -364,7 +350,7 @@ def test_optax_state_round_trips_with_its_types(handler, tmp_path):
     handler.save(tmp_path, opt_state, step=0)
     restored = handler.restore(tmp_path, tx.init(params))
     assert jax.tree.structure(restored) == jax.tree.structure(opt_state)
-    assert_same(restored, opt_state)
+    assert_identical(restored, opt_state)
 
 
 # ------------------------------------------------------------------ bad input

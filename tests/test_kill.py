@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _fault_child import POINTS, REACHED, assert_same, make_state, read_progress
+from _fault_child import POINTS, REACHED, make_state, read_progress
+from _trees import assert_identical as assert_same
 
 from datarax_ckpt import CheckpointNotFoundError, OrbaxCheckpointHandler
 

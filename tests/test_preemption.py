@@ -12,7 +12,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from _fault_child import assert_same, make_state
+from _fault_child import make_state
+from _trees import assert_identical as assert_same
 from flax import nnx
 
 from datarax_ckpt import OrbaxCheckpointHandler, PreemptionGuard, preemption

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from _fault_child import (
-    assert_same,
     clear_storage_errors,
     inject_storage_error,
     make_read_only,
@@ -30,6 +29,7 @@ from _fault_child import (
     mount_tmpfs,
     unmount,
 )
+from _trees import assert_identical as assert_same
 from orbax.checkpoint._src.path import async_path
 
 from datarax_ckpt import OrbaxCheckpointHandler
