@@ -328,6 +328,9 @@ def preempted_loop(directory: str, mode: str) -> None:
     """
     from datarax_ckpt import PreemptionGuard
 
+    # A test run started as a background job ignores SIGINT and its children inherit
+    # that; a training process started from a terminal has Python's default handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if mode.startswith("distributed:"):  # a jax.distributed run (of one process)
         jax.distributed.initialize(f"127.0.0.1:{mode.split(':')[1]}", 1, 0)
     signals = (signal.SIGINT,) if mode == "sigint" else (signal.SIGTERM,)
