@@ -175,6 +175,19 @@ def _finish_pending_saves_at_exit() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves_at_exit)
 
 
+def _no_checkpoint(path: epath.Path) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"No checkpoint in {path}: no committed ckpt-<step>/ folder and no "
+        f"{_layout.UNVERSIONED}/ folder."
+    )
+
+
+def _missing_step(path: epath.Path, step: int, steps: list[int]) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"No committed checkpoint for step {step} in {path}. Available steps: {steps or 'none'}."
+    )
+
+
 class OrbaxCheckpointHandler:
     """Saves and restores JAX training states without stopping the training loop.
 
@@ -556,16 +569,10 @@ class OrbaxCheckpointHandler:
         unversioned = path / _layout.UNVERSIONED
         if step is None and not steps:
             if not _layout.is_committed(unversioned):
-                raise CheckpointNotFoundError(
-                    f"No checkpoint in {path}: no committed ckpt-<step>/ folder and no "
-                    f"{_layout.UNVERSIONED}/ folder."
-                )
+                raise _no_checkpoint(path)
             return self._read_items(handle, unversioned, None, target, metadata_only, verify)
         if step is not None and step not in steps:
-            raise CheckpointNotFoundError(
-                f"No committed checkpoint for step {step} in {path}. Available steps: "
-                f"{steps or 'none'}."
-            )
+            raise _missing_step(path, step, steps)
         failures: list[tuple[int, CheckpointCorruptedError]] = []
         for candidate in [step] if step is not None else steps[::-1]:
             try:
@@ -694,19 +701,13 @@ class OrbaxCheckpointHandler:
             raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
         steps = _layout.committed_steps(path)
         if step is None and not steps:
-            folder = path / _layout.UNVERSIONED
+            folder = path / _layout.UNVERSIONED  # verify reports it even if uncommitted
             if not folder.exists():
-                raise CheckpointNotFoundError(
-                    f"No checkpoint in {path}: no ckpt-<step>/ folder and no "
-                    f"{_layout.UNVERSIONED}/ folder."
-                )
+                raise _no_checkpoint(path)
         elif step is None or step in steps:
             folder = path / _layout.step_name(steps[-1] if step is None else step)
         else:
-            raise CheckpointNotFoundError(
-                f"No committed checkpoint for step {step} in {path}. Available steps: "
-                f"{steps or 'none'}."
-            )
+            raise _missing_step(path, step, steps)
         return _integrity.verify(folder, item_handlers=handle.item_handlers())
 
     # ------------------------------------------------------------------ listing
