@@ -19,7 +19,11 @@ _CHUNK = 64 * MIB
 
 FLOOR_NOTES = {
     "memcpy": "numpy copy of random float32 data into a preallocated buffer (bytes copied / s)",
-    "disk_write_fsync": "one file written in 64 MiB chunks with os.write, then os.fsync",
+    "disk_write_fsync": (
+        "one file written in 64 MiB chunks with os.write, then os.fsync; a run also samples it "
+        "once per round of steady saves, taking turns with the systems' saves "
+        "(in_round_samples_s), and then the figures are over those in-round samples"
+    ),
     "page_cache_read": "the file just written read back (from the page cache) with readinto",
     "pinned_d2h": "jax.device_put of the whole tree to its pinned_host memory kind",
     "d2d": "one jitted copy of the whole tree on the device (bytes copied / s)",
@@ -52,10 +56,28 @@ def _result(name: str, samples: list[float], buffer_bytes: int, case_bytes: int)
     }
 
 
+def _buffer_bytes(case_bytes: int, max_bytes: int) -> int:
+    """Size of the host floors' buffer: the case's bytes, capped, a multiple of 4."""
+    return max(4, min(case_bytes, max_bytes)) // 4 * 4
+
+
+def _write_fsync(path: Path, data: memoryview) -> None:
+    """Writes ``data`` to a new ``path`` in 64 MiB chunks with ``os.write``, then fsyncs it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for start in range(0, len(data), _CHUNK):
+            chunk = data[start : start + _CHUNK]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _host_floors(
     names: tuple[str, ...], case_bytes: int, workdir: Path, repeats: int, max_bytes: int, seed: int
 ) -> dict[str, dict]:
-    nbytes = max(4, min(case_bytes, max_bytes)) // 4 * 4
+    nbytes = _buffer_bytes(case_bytes, max_bytes)
     src = np.random.default_rng(seed).random(nbytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
     out: dict[str, dict] = {}
@@ -75,15 +97,7 @@ def _host_floors(
         path.unlink(missing_ok=True)
 
     def write() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for start in range(0, nbytes, _CHUNK):
-                chunk = view[start : start + _CHUNK]
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_fsync(path, view)
 
     def read() -> None:
         with open(path, "rb", buffering=0) as f:
@@ -173,3 +187,76 @@ def measure_floors(
     out = _host_floors(names, case_bytes, workdir, repeats, max_bytes, seed)
     out.update(_device_floors(names, tree, case_bytes, repeats))
     return {name: out[name] for name in names if name in out}
+
+
+class DiskWriteFloor:
+    """The ``disk_write_fsync`` floor one sample at a time, to take turns with the systems' saves.
+
+    Writes the same kind of buffer as ``measure_floors`` (random, the case's size capped at
+    ``max_bytes``) to one file, fsyncs it, and deletes the file outside the timed region. The
+    buffer lives until ``close()``; make it before the systems' first saves so that it is part of
+    every system's RSS baseline.
+
+    Args:
+        case_bytes: Bytes of the case's arrays.
+        workdir: Directory on the same filesystem as the checkpoints.
+        max_bytes: Cap on the buffer.
+        seed: Seed for the random buffer.
+    """
+
+    def __init__(self, case_bytes: int, workdir: Path, max_bytes: int, seed: int = 0) -> None:
+        self.nbytes = _buffer_bytes(case_bytes, max_bytes)
+        self._buf: np.ndarray | None = np.random.default_rng(seed).random(
+            self.nbytes // 4, dtype=np.float32
+        )
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._path = workdir / "floor-in-round.bin"
+
+    def sample(self) -> float:
+        """Writes and fsyncs the buffer once.
+
+        Returns:
+            The seconds from opening the file until ``fsync`` returned.
+        """
+        assert self._buf is not None, "closed"
+        view = memoryview(self._buf).cast("B")
+        try:
+            t0 = time.perf_counter()
+            _write_fsync(self._path, view)
+            return time.perf_counter() - t0
+        finally:
+            self._path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Deletes the file, if any, and frees the buffer."""
+        self._path.unlink(missing_ok=True)
+        self._buf = None
+
+    def __enter__(self) -> DiskWriteFloor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def with_in_round_samples(
+    entry: dict[str, Any], samples: list[float], buffer_bytes: int, case_bytes: int
+) -> dict[str, Any]:
+    """The ``disk_write_fsync`` floor entry with its figures taken over in-round samples.
+
+    Args:
+        entry: The entry ``measure_floors`` returned for ``disk_write_fsync``.
+        samples: Seconds of the samples taken in the rounds of steady saves (not empty).
+        buffer_bytes: Bytes each in-round sample wrote.
+        case_bytes: Bytes of the case's arrays.
+
+    Returns:
+        The entry, same keys plus ``in_round_samples_s`` and ``up_front_samples_s``: median,
+        min, max, bandwidth and time for the case are over the in-round samples; ``samples_s``
+        holds the up-front samples followed by the in-round ones.
+    """
+    out = _result("disk_write_fsync", samples, buffer_bytes, case_bytes)
+    out["samples_s"] = [*entry.get("samples_s", []), *samples]
+    out["up_front_samples_s"] = list(entry.get("samples_s", []))
+    out["in_round_samples_s"] = list(samples)
+    return out

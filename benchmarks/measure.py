@@ -1,14 +1,21 @@
-"""The measurement protocol: warm-up, steady saves, back-to-back saves, restores, RSS, du."""
+"""The measurement protocol: warm-up, steady saves, back-to-back saves, restores, RSS, du.
+
+Within one case the systems are measured round-robin (``run_interleaved``): one sample of each
+system per round, the order rotated each round, so that slow drift of the machine (the disk
+above all) is spread over every system instead of landing on whichever ran last.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +53,8 @@ METRIC_DOCS = {
     "peak_rss_extra_mb": "peak host RSS during save..durable minus RSS before save, MiB",
     "peak_rss_over_baseline_mb": (
         "peak host RSS during save..durable minus RSS before the system's first save, MiB "
-        "(counts buffers kept between saves, e.g. a reused staging arena)"
+        "(counts buffers kept between saves, e.g. a reused staging arena; that RSS is taken "
+        "with the case's other systems' managers alive, and memory they keep after it counts too)"
     ),
     "back_to_back_peak_rss_over_baseline_mb": (
         "the same over a back-to-back pair of saves, until both are durable, MiB"
@@ -148,90 +156,329 @@ def _block(tree: Any) -> None:
             leaf.block_until_ready()
 
 
-def measure_system(
-    adapter: Adapter,
-    nbytes: int,
-    warmup: int,
-    repeats: int,
-    rss_interval_s: float,
-    log: Callable[[str], None] = lambda _: None,
-) -> dict[str, dict[str, Any]]:
-    """Runs the protocol on one adapter and returns ``{metric: summary}`` for every metric.
+@dataclasses.dataclass(frozen=True)
+class SaveSample:
+    """One ``save()`` waited on until durable.
 
-    Protocol (steps increase monotonically; folders of older steps are deleted between
-    samples, outside the timed regions, so that the disk does not fill):
+    Attributes:
+        blocking_s: Time ``save()`` held the caller.
+        durable_s: From the start of ``save()`` until ``wait()`` returned.
+        rss_before: RSS just before ``save()``, in bytes.
+        rss_peak: Highest RSS seen from ``save()`` until durable, in bytes.
+        rss_end: RSS once durable, in bytes.
+    """
 
-    1. ``warmup`` saves, each waited on; reported separately.
-    2. ``repeats`` steady saves: blocking time, time to durable, RSS, du of the step folder.
-    3. ``repeats`` back-to-back pairs: save, then save again at once; the second is timed,
-       and RSS is sampled until both are durable.
-    4. ``repeats`` restores of the last step (the first is checked against the saved values),
-       then ``repeats`` metadata-only restores where the system has them.
+    blocking_s: float
+    durable_s: float
+    rss_before: int
+    rss_peak: int
+    rss_end: int
+
+
+def save_sample(adapter: Adapter, step: int, rss_interval_s: float) -> SaveSample:
+    """Saves ``step``, nothing else in flight, and waits until it is durable.
+
+    Args:
+        adapter: The system.
+        step: A step this adapter has not saved yet.
+        rss_interval_s: RSS sampling period.
+
+    Returns:
+        The blocking and durable times and the RSS seen around the save.
+    """
+    with RssSampler(rss_interval_s) as rss:
+        t0 = time.perf_counter()
+        adapter.save(step)
+        t1 = time.perf_counter()
+        adapter.wait()
+        t2 = time.perf_counter()
+    return SaveSample(t1 - t0, t2 - t0, rss.baseline, rss.peak, rss.end)
+
+
+def back_to_back_sample(adapter: Adapter, step: int, rss_interval_s: float) -> tuple[float, int]:
+    """Saves ``step`` and, at once, ``step + 1``; waits until both are durable.
+
+    Args:
+        adapter: The system.
+        step: The first of two steps this adapter has not saved yet.
+        rss_interval_s: RSS sampling period.
+
+    Returns:
+        The time the second ``save()`` blocked, and the peak RSS in bytes until both were
+        durable.
+    """
+    with RssSampler(rss_interval_s) as rss:
+        adapter.save(step)
+        t0 = time.perf_counter()
+        adapter.save(step + 1)
+        blocking = time.perf_counter() - t0
+        adapter.wait()
+    return blocking, rss.peak
+
+
+def restore_sample(adapter: Adapter, step: int, check: bool) -> float:
+    """Restores ``step`` onto the device and blocks on every leaf.
+
+    Args:
+        adapter: The system.
+        step: A durable step.
+        check: Also check the restored values against the saved ones (outside the timing).
+
+    Returns:
+        The restore time in seconds.
+
+    Raises:
+        AssertionError: ``check`` is set and a restored leaf differs.
+    """
+    t0 = time.perf_counter()
+    restored = adapter.restore(step)
+    _block(restored)
+    elapsed = time.perf_counter() - t0
+    if check:
+        check_same(adapter.name, restored, adapter.reference())
+    return elapsed
+
+
+def metadata_restore_sample(adapter: Adapter, step: int) -> float:
+    """Restores only the metadata of ``step``.
+
+    Args:
+        adapter: A system with ``has_metadata_restore``.
+        step: A durable step.
+
+    Returns:
+        The time in seconds.
+    """
+    t0 = time.perf_counter()
+    adapter.restore_metadata(step)
+    return time.perf_counter() - t0
+
+
+class SystemRun:
+    """One system's part of a case: its adapter, its next step, its RSS baseline, its samples.
+
+    Each method takes one sample of a phase and records it; ````run_interleaved```` calls
+    them round-robin across systems. Steps increase monotonically; the folders of older steps
+    are deleted after each sample, outside the timed regions, so at most three steps of the
+    system are on disk at any time.
 
     Args:
         adapter: The system, already created on an empty directory.
         nbytes: Bytes of the state's arrays, for throughput.
-        warmup: Warm-up saves.
-        repeats: Samples of each steady-state metric.
         rss_interval_s: RSS sampling period.
-        log: Receives one line per phase.
+    """
+
+    def __init__(self, adapter: Adapter, nbytes: int, rss_interval_s: float) -> None:
+        self.adapter = adapter
+        self._nbytes = nbytes
+        self._rss_interval = rss_interval_s
+        self._step = 0
+        self._baseline: int | None = None
+        self._samples: dict[str, list[float]] = {k: [] for k in METRICS}
+
+    @property
+    def name(self) -> str:
+        """The system's name."""
+        return self.adapter.name
+
+    def _drop(self, step: int) -> None:
+        if step >= 1:
+            remove_path(self.adapter.step_path(step))
+
+    def _over_baseline_mb(self, rss: int) -> float:
+        assert self._baseline is not None, "warmup() must run first"
+        return (rss - self._baseline) / 2**20
+
+    def warmup(self, round_index: int) -> None:
+        """One warm-up save, waited on; the first one records the RSS baseline before it.
+
+        Args:
+            round_index: The round (unused; every phase method takes it).
+        """
+        if self._baseline is None:
+            self._baseline = psutil.Process().memory_info().rss
+        self._step += 1
+        s = save_sample(self.adapter, self._step, self._rss_interval)
+        self._samples["warmup_save_blocking_s"].append(s.blocking_s)
+        self._samples["warmup_durable_s"].append(s.durable_s)
+        self._drop(self._step - 1)
+
+    def steady(self, round_index: int) -> None:
+        """One steady save: blocking, durable, throughput, RSS and du of the step folder.
+
+        Args:
+            round_index: The round (unused).
+        """
+        self._step += 1
+        s = save_sample(self.adapter, self._step, self._rss_interval)
+        m = self._samples
+        m["save_blocking_s"].append(s.blocking_s)
+        m["durable_s"].append(s.durable_s)
+        m["durable_throughput_gbps"].append(self._nbytes / s.durable_s / 1e9)
+        m["peak_rss_extra_mb"].append((s.rss_peak - s.rss_before) / 2**20)
+        m["peak_rss_over_baseline_mb"].append(self._over_baseline_mb(s.rss_peak))
+        m["rss_retained_mb"].append((s.rss_end - s.rss_before) / 2**20)
+        m["disk_bytes"].append(disk_usage(self.adapter.step_path(self._step)))
+        self._drop(self._step - 1)
+
+    def back_to_back(self, round_index: int) -> None:
+        """One back-to-back pair: the second ``save()`` is timed, RSS until both are durable.
+
+        Args:
+            round_index: The round (unused).
+        """
+        blocking, peak = back_to_back_sample(self.adapter, self._step + 1, self._rss_interval)
+        self._samples["back_to_back_blocking_s"].append(blocking)
+        self._samples["back_to_back_peak_rss_over_baseline_mb"].append(self._over_baseline_mb(peak))
+        self._drop(self._step)
+        self._drop(self._step + 1)
+        self._step += 2
+
+    def restore(self, round_index: int) -> None:
+        """One restore of the last step; in round 0 it is checked against the saved values.
+
+        Args:
+            round_index: The round; the restore of round 0 is checked.
+        """
+        self._samples["restore_s"].append(
+            restore_sample(self.adapter, self._step, check=round_index == 0)
+        )
+
+    def restore_metadata(self, round_index: int) -> None:
+        """One metadata-only restore of the last step (only systems that offer it).
+
+        Args:
+            round_index: The round (unused).
+        """
+        seconds = metadata_restore_sample(self.adapter, self._step)
+        self._samples["restore_metadata_s"].append(seconds)
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Every metric's summary.
+
+        Returns:
+            Metric name to ``{"samples", "median", "min", "max"}``; ``restore_metadata_s``
+            carries a ``note`` where the system does not offer it.
+        """
+        out = {k: summarize(v) for k, v in self._samples.items()}
+        if not self.adapter.has_metadata_restore:
+            out["restore_metadata_s"]["note"] = "not offered by this system"
+        return out
+
+
+_T = TypeVar("_T")
+
+
+def rotated(items: Sequence[_T], round_index: int) -> list[_T]:
+    """``items`` in order, starting at ``round_index % len(items)`` and wrapping around.
+
+    Args:
+        items: The participants of a round.
+        round_index: The round, from 0.
 
     Returns:
-        Metric name to ``{"samples", "median", "min", "max"}``.
+        The order for that round (empty for no items).
     """
-    m: dict[str, list[float]] = {k: [] for k in METRICS}
-    step = 0
-    baseline = psutil.Process().memory_info().rss
-    for i in range(warmup + repeats):
-        step += 1
-        phase = "warm-up" if i < warmup else "save"
-        log(f"{phase} {i + 1 if i < warmup else i - warmup + 1}")
-        with RssSampler(rss_interval_s) as rss:
-            t0 = time.perf_counter()
-            adapter.save(step)
-            t1 = time.perf_counter()
-            adapter.wait()
-            t2 = time.perf_counter()
-        if i < warmup:
-            m["warmup_save_blocking_s"].append(t1 - t0)
-            m["warmup_durable_s"].append(t2 - t0)
-        else:
-            m["save_blocking_s"].append(t1 - t0)
-            m["durable_s"].append(t2 - t0)
-            m["durable_throughput_gbps"].append(nbytes / (t2 - t0) / 1e9)
-            m["peak_rss_extra_mb"].append((rss.peak - rss.baseline) / 2**20)
-            m["peak_rss_over_baseline_mb"].append((rss.peak - baseline) / 2**20)
-            m["rss_retained_mb"].append((rss.end - rss.baseline) / 2**20)
-            m["disk_bytes"].append(disk_usage(adapter.step_path(step)))
-        if step > 1:
-            remove_path(adapter.step_path(step - 1))
-    for i in range(repeats):
-        log(f"back-to-back {i + 1}")
-        with RssSampler(rss_interval_s) as rss:
-            adapter.save(step + 1)
-            t0 = time.perf_counter()
-            adapter.save(step + 2)
-            m["back_to_back_blocking_s"].append(time.perf_counter() - t0)
-            adapter.wait()
-        m["back_to_back_peak_rss_over_baseline_mb"].append((rss.peak - baseline) / 2**20)
-        remove_path(adapter.step_path(step))
-        remove_path(adapter.step_path(step + 1))
-        step += 2
-    for i in range(repeats):
-        log(f"restore {i + 1}")
-        t0 = time.perf_counter()
-        restored = adapter.restore(step)
-        _block(restored)
-        m["restore_s"].append(time.perf_counter() - t0)
-        if i == 0:
-            check_same(adapter.name, restored, adapter.reference())
-        del restored
-    if adapter.has_metadata_restore:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            adapter.restore_metadata(step)
-            m["restore_metadata_s"].append(time.perf_counter() - t0)
-    out = {k: summarize(v) for k, v in m.items()}
-    if not adapter.has_metadata_restore:
-        out["restore_metadata_s"]["note"] = "not offered by this system"
-    return out
+    if not items:
+        return []
+    k = round_index % len(items)
+    return [*items[k:], *items[:k]]
+
+
+@dataclasses.dataclass
+class RoundsOutcome:
+    """What ``run_interleaved`` returns besides the samples kept in each ``SystemRun``.
+
+    Attributes:
+        errors: System name to ``{"status": "error", "reason", "traceback"}`` for each system
+            that raised; it took no further part.
+        floor_samples: Seconds of each in-round floor sample, in order.
+        floor_error: Why the in-round floor stopped, when it raised.
+    """
+
+    errors: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    floor_samples: list[float] = dataclasses.field(default_factory=list)
+    floor_error: str | None = None
+
+
+_FLOOR = "floor"  # Stands for the in-round floor in a round's order.
+
+#: The phases, in order: label, whether it takes ``repeats`` rounds (else ``warmup``), method.
+_PHASES: tuple[tuple[str, bool, Callable[[SystemRun, int], None]], ...] = (
+    ("warm-up", False, SystemRun.warmup),
+    ("save", True, SystemRun.steady),
+    ("back-to-back", True, SystemRun.back_to_back),
+    ("restore", True, SystemRun.restore),
+    ("metadata restore", True, SystemRun.restore_metadata),
+)
+
+
+def run_interleaved(
+    runs: Sequence[SystemRun],
+    warmup: int,
+    repeats: int,
+    floor: Callable[[], float] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> RoundsOutcome:
+    """Measures the systems of one case round-robin.
+
+    Phases, in order: ``warmup`` rounds of warm-up saves, then ``repeats`` rounds each of steady
+    saves, back-to-back pairs, restores (round 0's checked against the saved values) and
+    metadata-only restores (systems that offer them). A round takes one sample of every system
+    still running; round ``r`` starts at participant ``r % n`` so that no system always goes
+    first (or always follows the same one). In the rounds of steady saves ``floor``, when given,
+    is one more participant. A system that raises is recorded in the outcome and drops out of
+    the remaining rounds; the others go on. Nothing is closed here.
+
+    Args:
+        runs: One per system, in the config's order, adapters freshly created.
+        warmup: Rounds of warm-up saves.
+        repeats: Rounds of each steady-state phase.
+        floor: Takes one floor sample and returns its seconds (e.g. a write+fsync).
+        log: Receives one line per sample.
+
+    Returns:
+        The systems that failed and the in-round floor samples.
+    """
+    outcome = RoundsOutcome()
+    active = list(runs)
+    for label, steady, method in _PHASES:
+        rounds = repeats if steady else warmup
+        for r in range(rounds):
+            members: list[Any] = [
+                run
+                for run in active
+                if method is not SystemRun.restore_metadata or run.adapter.has_metadata_restore
+            ]
+            if method is SystemRun.steady and floor is not None and active:
+                members.append(_FLOOR)
+            for member in rotated(members, r):
+                if member is _FLOOR:
+                    log(f"{label} {r + 1}/{rounds}: floor")
+                    floor = _floor_sample(floor, outcome, log)  # None once it has failed.
+                    continue
+                log(f"{label} {r + 1}/{rounds}: {member.name}")
+                try:
+                    method(member, r)
+                except Exception as e:  # noqa: BLE001 - one failing system must not end the run.
+                    log(f"ERROR {member.name}: {type(e).__name__}: {e}")
+                    outcome.errors[member.name] = {
+                        "status": "error",
+                        "reason": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(),
+                    }
+                    active.remove(member)
+    return outcome
+
+
+def _floor_sample(
+    floor: Callable[[], float], outcome: RoundsOutcome, log: Callable[[str], None]
+) -> Callable[[], float] | None:
+    """Takes one in-round floor sample into ``outcome``; returns ``None`` once it has failed."""
+    try:
+        outcome.floor_samples.append(floor())
+    except Exception as e:  # noqa: BLE001 - a floor that cannot run is reported, not fatal.
+        log(f"in-round floor failed: {type(e).__name__}: {e}")
+        outcome.floor_error = f"{type(e).__name__}: {e}"
+        return None
+    return floor

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,11 @@ import jax
 import psutil
 
 from benchmarks import report
-from benchmarks.config import MIB, BenchConfig, load_config
-from benchmarks.floors import FLOOR_NOTES, measure_floors
-from benchmarks.measure import METRIC_DOCS, METRICS, measure_system
+from benchmarks.config import MIB, BenchConfig, CaseConfig, load_config
+from benchmarks.floors import FLOOR_NOTES, DiskWriteFloor, measure_floors, with_in_round_samples
+from benchmarks.measure import METRIC_DOCS, METRICS, RoundsOutcome, SystemRun, run_interleaved
 from benchmarks.states import BenchState, build_state
-from benchmarks.systems import Unavailable, make_adapter
+from benchmarks.systems import Adapter, Unavailable, make_adapter
 
 SCHEMA_VERSION = 1
 
@@ -45,13 +44,20 @@ _PACKAGES = (
 RUN_NOTES = [
     "Times are wall-clock (time.perf_counter) medians over the steady-state repeats; the first "
     "save(s) of each manager are warm-up and reported apart.",
+    "Systems are interleaved round-robin within a case: all of a case's managers are created "
+    "first, then each round takes one sample of every system (warm-up saves, then steady saves, "
+    "back-to-back pairs, restores, metadata restores), round r starting at system r mod n, so "
+    "drift of a noisy disk spreads over all systems. Only one save is in flight at a time.",
+    "The disk_write_fsync floor takes a turn in every round of steady saves, as one more "
+    "system; its figures are the median (and range) over those in-round samples.",
     "Restores read checkpoints that were just written, so they come from a warm page cache.",
     "Every leaf is filled with random values; constant data would flatter compression.",
     "Sizes: MiB/GiB are 2**20/2**30 bytes; bandwidths are GB/s of 1e9 bytes.",
     "Peak RSS: 'extra' is against RSS just before that save(), so memory kept from an earlier "
     "save and reused (a staging pool) does not show there; 'over baseline' is against RSS "
-    "before the system's first save and does count it; 'back-to-back' is the same over a pair "
-    "of saves issued at once, until both are durable.",
+    "before the system's first save, taken with the case's other managers alive (and those "
+    "warmed up earlier in the round holding what they keep), and does count it; "
+    "'back-to-back' is the same over a pair of saves issued at once, until both are durable.",
 ]
 
 
@@ -140,37 +146,165 @@ def environment(out_dir: Path) -> dict[str, Any]:
     }
 
 
-def _run_system(
-    name: str, state: BenchState, directory: Path, config: BenchConfig, repeats: int, log: _Progress
-) -> dict:
-    """Measures one system on one case; a failure is recorded, not raised."""
+def _open_systems(
+    names: tuple[str, ...], state: BenchState, directory: Path, log: _Progress
+) -> tuple[list[Adapter], dict[str, dict]]:
+    """Creates every system's adapter for one case, each in ``directory / name``.
+
+    Args:
+        names: The systems, in the config's order.
+        state: The case's state.
+        directory: The case's checkpoint directory.
+        log: Progress lines.
+
+    Returns:
+        The adapters created, in order, and the entries of the systems that could not be
+        created: ``{"status": "skipped", ...}`` when unavailable, ``{"status": "error", ...}``
+        when creating them raised.
+    """
+    adapters: list[Adapter] = []
+    entries: dict[str, dict] = {}
     try:
-        adapter = make_adapter(name, state, directory)
-    except Unavailable as e:
-        log(f"skipped: {e}")
-        return {"status": "skipped", "reason": str(e)}
-    except Exception as e:  # noqa: BLE001 - one failing system must not end the run.
-        log(f"ERROR creating it: {type(e).__name__}: {e}")
-        shutil.rmtree(directory, ignore_errors=True)
-        return {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-    result: dict[str, Any] = {"status": "ok", "state_note": adapter.state_note}
-    try:
-        result["metrics"] = measure_system(
-            adapter, state.nbytes, config.warmup, repeats, config.rss_interval_ms / 1e3, log
-        )
-        result["restore_verified"] = True
-    except Exception as e:  # noqa: BLE001 - one failing system must not end the run.
-        log(f"ERROR {type(e).__name__}: {e}")
-        result = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-        result["traceback"] = traceback.format_exc()
-    finally:
+        for name in names:
+            try:
+                adapters.append(make_adapter(name, state, directory / name))
+            except Unavailable as e:
+                log(f"{name} skipped: {e}")
+                entries[name] = {"status": "skipped", "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - one failing system must not end the run.
+                log(f"ERROR creating {name}: {type(e).__name__}: {e}")
+                shutil.rmtree(directory / name, ignore_errors=True)
+                entries[name] = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+    except BaseException:  # Interrupted: close what was created before giving up.
+        _close_systems(adapters, directory)
+        raise
+    return adapters, entries
+
+
+def _close_systems(adapters: list[Adapter], directory: Path) -> dict[str, str]:
+    """Closes every adapter and removes its directory, whatever happens.
+
+    Args:
+        adapters: The case's adapters.
+        directory: The case's checkpoint directory.
+
+    Returns:
+        System name to the ``close()`` failure, for those whose ``close()`` raised.
+    """
+    failures: dict[str, str] = {}
+    for adapter in adapters:
         try:
             adapter.close()
-        except Exception as e:  # noqa: BLE001
-            if result["status"] == "ok":
-                result = {"status": "error", "reason": f"close() failed: {e!r}"}
-        shutil.rmtree(directory, ignore_errors=True)
-    return result
+        except Exception as e:  # noqa: BLE001 - the others must still be closed.
+            failures[adapter.name] = f"close() failed: {e!r}"
+        finally:
+            shutil.rmtree(directory / adapter.name, ignore_errors=True)
+    return failures
+
+
+def _measure_systems(
+    state: BenchState,
+    directory: Path,
+    config: BenchConfig,
+    repeats: int,
+    floor: DiskWriteFloor | None,
+    log: _Progress,
+) -> tuple[dict[str, dict], RoundsOutcome]:
+    """Measures every system of one case round-robin; a failure is recorded, not raised.
+
+    Args:
+        state: The case's state.
+        directory: Where the systems write (one folder each; removed at the end).
+        config: The run's config.
+        repeats: Steady-state rounds for this case.
+        floor: The ``disk_write_fsync`` floor to take turns in the rounds of steady saves.
+        log: Progress lines.
+
+    Returns:
+        System name to its results entry (in the config's order), and the rounds' outcome
+        (with the in-round floor samples).
+    """
+    adapters, entries = _open_systems(config.systems, state, directory, log)
+    runs = [SystemRun(a, state.nbytes, config.rss_interval_ms / 1e3) for a in adapters]
+    try:
+        outcome = run_interleaved(
+            runs, config.warmup, repeats, floor.sample if floor else None, log
+        )
+    finally:
+        close_failures = _close_systems(adapters, directory)
+    for run in runs:
+        if run.name in outcome.errors:
+            entries[run.name] = outcome.errors[run.name]
+        elif run.name in close_failures:
+            entries[run.name] = {"status": "error", "reason": close_failures[run.name]}
+        else:
+            entries[run.name] = {
+                "status": "ok",
+                "state_note": run.adapter.state_note,
+                "metrics": run.metrics(),
+                "restore_verified": True,
+            }
+    return {name: entries[name] for name in config.systems}, outcome
+
+
+def _run_case(
+    index: int, case: CaseConfig, config: BenchConfig, work: Path, log: _Progress
+) -> dict[str, Any]:
+    """Measures one case: its floors, then its systems round-robin.
+
+    Args:
+        index: The case's position in the config.
+        case: The case.
+        config: The run's config.
+        work: Scratch directory for checkpoints and floor files.
+        log: Progress lines.
+
+    Returns:
+        The case's entry in ``results["cases"]``.
+    """
+    log.prefix = f"({index + 1}/{len(config.cases)}) {case.name}: "
+    log("building state")
+    state = build_state(case, config.seed + index)
+    log(f"{state.nbytes / MIB:.1f} MiB in {state.num_leaves} leaves; floors")
+    max_bytes = int(config.floor_max_mb * MIB)
+    floors = measure_floors(
+        config.floors,
+        state.orbax_tree,
+        state.nbytes,
+        work / "floors",
+        config.floor_repeats,
+        max_bytes,
+        config.seed,
+    )
+    entry: dict[str, Any] = {
+        "name": case.name,
+        "kind": case.kind,
+        "description": state.description,
+        "bytes": state.nbytes,
+        "num_leaves": state.num_leaves,
+        "repeats": config.case_repeats(case),
+        "notes": state.notes,
+        "floors": floors,
+        "systems": {},
+    }
+    floor = None
+    if "disk_write_fsync" in floors:
+        # Made before any system saves, so its buffer is in every system's RSS baseline.
+        floor = DiskWriteFloor(state.nbytes, work / "floors", max_bytes, config.seed)
+    try:
+        entry["systems"], outcome = _measure_systems(
+            state, work / case.name, config, config.case_repeats(case), floor, log
+        )
+    finally:
+        if floor is not None:
+            floor.close()
+    if floor is not None and outcome.floor_samples:
+        floors["disk_write_fsync"] = with_in_round_samples(
+            floors["disk_write_fsync"], outcome.floor_samples, floor.nbytes, state.nbytes
+        )
+    if outcome.floor_error:
+        floors["disk_write_fsync"]["in_round_error"] = outcome.floor_error
+    return entry
 
 
 def run(
@@ -220,36 +354,7 @@ def run(
     }
     try:
         for ci, case in enumerate(config.cases):
-            log.prefix = f"({ci + 1}/{len(config.cases)}) {case.name}: "
-            log("building state")
-            state = build_state(case, config.seed + ci)
-            log(f"{state.nbytes / MIB:.1f} MiB in {state.num_leaves} leaves; floors")
-            entry: dict[str, Any] = {
-                "name": case.name,
-                "kind": case.kind,
-                "description": state.description,
-                "bytes": state.nbytes,
-                "num_leaves": state.num_leaves,
-                "repeats": config.case_repeats(case),
-                "notes": state.notes,
-                "floors": measure_floors(
-                    config.floors,
-                    state.orbax_tree,
-                    state.nbytes,
-                    work / "floors",
-                    config.floor_repeats,
-                    int(config.floor_max_mb * MIB),
-                    config.seed,
-                ),
-                "systems": {},
-            }
-            for name in config.systems:
-                log.prefix = f"({ci + 1}/{len(config.cases)}) {case.name} / {name}: "
-                entry["systems"][name] = _run_system(
-                    name, state, work / case.name / name, config, config.case_repeats(case), log
-                )
-            results["cases"].append(entry)
-            del state
+            results["cases"].append(_run_case(ci, case, config, work, log))
             gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)

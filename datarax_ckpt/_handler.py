@@ -6,13 +6,12 @@ import atexit
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import weakref
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -20,6 +19,7 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _multihost,
+    _reading,
     _snapshot,
     _structure,
     _validate,
@@ -27,6 +27,7 @@ from datarax_ckpt import (
 )
 from datarax_ckpt._errors import (
     CheckpointCorruptedError,
+    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     storage_error,
@@ -108,12 +109,12 @@ class _Directory:
 
     def item_handlers(self) -> dict[str, Any]:
         return {
-            _layout.ITEM_STATE: ocp.PyTreeCheckpointHandler(
+            _layout.ITEM_STATE: _reading.state_handler(
                 use_ocdbt=self.options.use_ocdbt, use_compression=self.options.use_compression
             ),
             _layout.ITEM_MANIFEST: ocp.JsonCheckpointHandler(),
             _layout.ITEM_METADATA: ocp.JsonCheckpointHandler(),
-            _layout.ITEM_CHECKSUMS: ocp.JsonCheckpointHandler(),
+            _layout.ITEM_CHECKSUMS: _integrity.ChecksumsHandler(),
         }
 
     def manager(self) -> ocp.CheckpointManager:
@@ -453,9 +454,10 @@ class OrbaxCheckpointHandler:
         }
         if arrays:
             args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(arrays)
-        if self.options.checksums:  # hashed here, off the caller's thread; only process 0 writes
-            sums = _integrity.compute(arrays, manifest, metadata) if primary else {}
-            args[_layout.ITEM_CHECKSUMS] = ocp.args.JsonSave(sums)
+        if self.options.checksums:  # hashed beside the array writes; only process 0 writes
+            sums = functools.partial(_integrity.compute, arrays, manifest, metadata)
+            args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(sums if primary else dict)
+        checksums = args.get(_layout.ITEM_CHECKSUMS)
         args = ocp.args.Composite(**args)
         manager = handle.manager()
         path = handle.path / _layout.step_name(step)
@@ -497,6 +499,12 @@ class OrbaxCheckpointHandler:
         if primary:
             _layout.empty_trash(handle.path)
         handle.coordinator.barrier("committed")  # listing on any process now sees it
+        if checksums is not None and checksums.error is not None:
+            raise CheckpointError(
+                f"{path} was committed without content checksums: computing them failed "
+                f"({checksums.error!r}). Its data is complete and restores; verify() "
+                "reports checksums_recorded=False for it. Save again to record them."
+            ) from checksums.error
 
     # ------------------------------------------------------------------ restoring
 
@@ -643,19 +651,7 @@ class OrbaxCheckpointHandler:
         if plan.storage and structure.checksums is not None:
             loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
         elif plan.storage:
-            item, restore_args = {}, {}
-            for key, spec in plan.storage.items():
-                if spec.lib == "jax":
-                    item[key] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=spec.sharding)
-                    restore_args[key] = ocp.ArrayRestoreArgs(
-                        sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype
-                    )
-                else:
-                    item[key] = np.empty(spec.shape, spec.dtype)
-                    restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=spec.dtype)
-            loaded = read(
-                **{_layout.ITEM_STATE: ocp.args.PyTreeRestore(item, restore_args=restore_args)}
-            )[_layout.ITEM_STATE]
+            loaded = _reading.place(_reading.read(read, plan.storage), plan.storage)
         return plan.build(loaded)
 
     # ------------------------------------------------------------------ verifying

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -35,11 +36,12 @@ import orbax.checkpoint as ocp
 import xxhash
 from etils import epath
 
-from datarax_ckpt import _layout
+from datarax_ckpt import _layout, _reading
 from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._structure import (
     _JSON_FILE,
     _JSON_ITEMS,
+    UNAVAILABLE,
     Problem,
     Structure,
     VerifyReport,
@@ -135,6 +137,56 @@ def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
             _layout.ITEM_METADATA: hash_json(metadata),
         },
     }
+
+
+class ChecksumsHandler(ocp.JsonCheckpointHandler):
+    """Orbax handler of the ``checksums`` item, hashing while the arrays are written.
+
+    Saved with :class:`ChecksumsSave`, whose ``compute()`` returns the item (see
+    :func:`compute`): the hashing runs in the item's commit future, beside the array
+    writes' commit futures, instead of before the save starts. The file is the one
+    ``JsonCheckpointHandler`` writes and reads back.
+    """
+
+    def __init__(self, filename: str = "metadata"):
+        super().__init__(filename)
+        self._file = filename
+
+    async def async_save(self, directory, item=None, args=None):
+        async def hash_and_write() -> None:
+            # An error is kept for the writer rather than raised here: Orbax would raise
+            # it before its other writers finish, and they would race the cleanup. The
+            # step then commits without checksums (its data is complete and restores).
+            try:
+                sums = args.compute()
+            except Exception as e:  # noqa: BLE001 - reported by the writer (ChecksumsSave)
+                args.error = e
+                sums = {"algorithm": ALGORITHM, "version": CHECKSUMS_VERSION}
+                sums[UNAVAILABLE] = f"computing them failed at save time: {e!r}"
+            if jax.process_index() == 0:
+                (directory / self._file).write_text(json.dumps(sums))
+
+        commit = ocp.future.CommitFutureAwaitingContractedSignals
+        return [commit(hash_and_write(), name="datarax_ckpt_checksums")]
+
+
+@ocp.args.register_with_handler(ChecksumsHandler, for_save=True)
+@dataclasses.dataclass
+class ChecksumsSave(ocp.args.CheckpointArgs):
+    """Saves the ``checksums`` item that ``compute()`` returns (called in the background).
+
+    If ``compute()`` raises, the item records why checksums are unavailable, the error
+    is kept in ``error``, and the writer reports it once the step has committed.
+    """
+
+    compute: Callable[[], dict]
+    error: Exception | None = None
+
+
+@ocp.args.register_with_handler(ChecksumsHandler, for_restore=True)
+@dataclasses.dataclass
+class ChecksumsRestore(ocp.args.CheckpointArgs):
+    """Reads the ``checksums`` item back (a dict)."""
 
 
 def _pack_segments(manifest: dict) -> dict[str, list[tuple[int, int, int]]]:
@@ -257,37 +309,24 @@ def load_verified(
     """Reads the stored arrays a restore needs, checking each recorded checksum.
 
     Arrays with a checksum are read in their stored dtype and hashed before anything
-    is returned: onto CPU devices directly as jax arrays (hashed in place, no copy),
-    otherwise as numpy (hashed, then put on the requested sharding, which is what
-    Orbax does internally too); then cast to the requested dtype. The others (no
-    record, or a sharding this process cannot hold whole) are read the ordinary way.
+    is returned (in host memory, or shard by shard in place for arrays spread over
+    several CPU devices), then put on the requested sharding and cast to the requested
+    dtype (:func:`datarax_ckpt._reading.place`). The others (no record, or a sharding
+    this process cannot hold whole) are read the ordinary way.
 
     Raises:
         CheckpointCorruptedError: naming the file, stored array and leaves that differ.
     """
     records = (structure.checksums or {}).get("arrays") or {}
     stored = stored_arrays(manifest)
-    item, restore_args, verified = {}, {}, []
+    verified = []
     for key, spec in storage.items():
         record = records.get(key)
         whole = spec.lib != "jax" or spec.sharding is None or spec.sharding.is_fully_addressable
-        checked = record is not None and ALGORITHM in record and whole and key in stored
-        dtype, shape = stored[key] if checked else (spec.dtype, spec.shape)
-        if checked:
+        if record is not None and ALGORITHM in record and whole and key in stored:
             verified.append(key)
-        on_cpu = spec.lib == "jax" and all(d.platform == "cpu" for d in spec.sharding.device_set)
-        if spec.lib == "jax" and (on_cpu or not checked):
-            item[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=spec.sharding)
-            restore_args[key] = ocp.ArrayRestoreArgs(
-                sharding=spec.sharding, global_shape=shape, dtype=dtype
-            )
-        else:
-            item[key] = np.empty(shape, dtype)
-            restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
-    loaded = dict(
-        read(**{_layout.ITEM_STATE: ocp.args.PyTreeRestore(item, restore_args=restore_args)})[
-            _layout.ITEM_STATE
-        ]
+    loaded = _reading.read(
+        read, storage, stored={k: stored[k] for k in verified}, checked=frozenset(verified)
     )
     compared = _map_threads(
         lambda k: _compare(k, loaded[k], records.get(k), structure), [(k,) for k in verified]
@@ -295,18 +334,7 @@ def load_verified(
     problems = [p for p in compared if p]
     if problems:
         raise corrupted(structure.path, problems)
-    to_device = [
-        k for k in verified if storage[k].lib == "jax" and not isinstance(loaded[k], jax.Array)
-    ]
-    if to_device:  # one transfer for all arrays
-        placed = jax.device_put(
-            [loaded[k] for k in to_device], [storage[k].sharding for k in to_device]
-        )
-        loaded.update(zip(to_device, placed, strict=True))
-    for key in verified:
-        if loaded[key].dtype != storage[key].dtype:
-            loaded[key] = loaded[key].astype(storage[key].dtype)
-    return loaded
+    return _reading.place(loaded, storage)
 
 
 def _files_under(path: epath.Path) -> list[epath.Path]:

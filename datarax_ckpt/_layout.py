@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 
 import orbax.checkpoint as ocp
@@ -97,14 +98,32 @@ def remove_partial(directory: epath.Path, name: str) -> None:
         return
     for child in directory.iterdir():
         if child.name.startswith(f"{name}.orbax-checkpoint-tmp"):
-            child.rmtree(missing_ok=True)
+            discard(child)
+
+
+def discard(path: epath.Path) -> None:
+    """Deletes a folder of ``path.parent`` after renaming it into :data:`TRASH` (atomic)."""
+    trash = path.parent / TRASH
+    trash.mkdir(exist_ok=True)
+    moved = trash / f"{path.name}.{uuid.uuid4().hex}"
+    path.rename(moved)
+    _delete(moved)
+    try:
+        trash.rmdir()  # only if nothing else is in it
+    except OSError:
+        pass
 
 
 def empty_trash(directory: epath.Path) -> None:
-    """Deletes the steps that retention moved to the :data:`TRASH` folder."""
-    trash = directory / TRASH
-    if trash.exists():
-        trash.rmtree(missing_ok=True)
+    """Deletes the steps that retention (or a failed save) moved to :data:`TRASH`."""
+    _delete(directory / TRASH)
+
+
+def _delete(path: epath.Path) -> None:
+    try:
+        path.rmtree(missing_ok=True)
+    except OSError as e:  # a writer of a failed save still adding files: next time
+        logger.debug("Could not delete %s yet: %s", path, e)
 
 
 def recover(directory: epath.Path) -> None:

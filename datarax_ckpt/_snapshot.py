@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarax_ckpt import _multihost
+from datarax_ckpt import _hostcopy, _multihost
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ class ArenaPool:
             for i, arena in enumerate(self._free):
                 if arena.nbytes == nbytes:
                     return self._free.pop(i)
-        return _aligned_empty(nbytes, np.uint8)
+        return aligned_empty(nbytes, np.uint8)
 
     def give(self, arena: np.ndarray | None) -> None:
         if arena is None or arena.nbytes == 0:
@@ -217,7 +217,7 @@ def capture(
     )
     arena_bytes += sum(_round_up(slots[i].value.nbytes) for i in np_large)
     arena = (
-        (pool.take(arena_bytes) if pool else _aligned_empty(arena_bytes, np.uint8))
+        (pool.take(arena_bytes) if pool else aligned_empty(arena_bytes, np.uint8))
         if (arena_bytes)
         else None
     )
@@ -230,16 +230,18 @@ def capture(
         cursor += _round_up(size * dtype.itemsize)
         return view
 
+    copies = []  # (destination, sources): done together, on several threads
     for (name, _), idxs in np_groups.items():
         buffer = carve(group_sizes[(name, _)], name)
-        np.concatenate([np.asarray(slots[i].value).reshape(-1) for i in idxs], out=buffer)
+        copies.append((buffer, [np.asarray(slots[i].value) for i in idxs]))
         add_pack(name, idxs, buffer, "host")
     for i in np_large:
         source = np.asarray(slots[i].value)
-        buffer = carve(source.size, source.dtype).reshape(source.shape)
-        np.copyto(buffer, source)
+        buffer = carve(source.size, source.dtype)
+        copies.append((buffer, [source]))
         table[i]["key"] = f"a{i}"
-        arrays[f"a{i}"] = buffer
+        arrays[f"a{i}"] = buffer.reshape(source.shape)
+    _hostcopy.gather(copies)
     if own:
         # Wrap as jax.Arrays without a copy (one batched call), so Orbax does not deep-copy
         # them as it does numpy leaves. Not for dtypes jax would narrow (float64 without x64).
@@ -272,7 +274,7 @@ def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
     )
 
 
-def _aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
+def aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
     """A 1-D array whose data is ``align``-byte aligned (XLA wraps those without a copy)."""
     dtype = np.dtype(dtype)
     raw = np.empty(size * dtype.itemsize + align, np.uint8)

@@ -22,6 +22,8 @@ from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed step folder
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+# Key of a checksums item whose checksums could not be computed at save time (the reason).
+UNAVAILABLE = "unavailable"
 _JSON_FILE = "metadata"  # the file name Orbax's JsonCheckpointHandler writes in its item folder
 _JSON_ITEMS = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
 
@@ -365,7 +367,11 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
             problems.append(Problem("missing_file", f"the {item} item is missing", file))
         except (OSError, ValueError) as e:
             problems.append(Problem("unreadable_file", f"unreadable JSON: {e}", file))
-    if structure.checksums is None and structure.manifest is not None:
+    if isinstance(structure.checksums, dict) and UNAVAILABLE in structure.checksums:
+        reason = structure.checksums[UNAVAILABLE]
+        structure.checksums = None
+        structure.notes.append(f"no checksums recorded ({reason}): the data cannot be compared")
+    elif structure.checksums is None and structure.manifest is not None:
         structure.notes.append("no checksums recorded: the data cannot be compared")
     if arrays and structure.manifest is not None and _stored_keys(structure.manifest):
         _inspect_state(structure)

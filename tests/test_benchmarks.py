@@ -6,7 +6,9 @@ import importlib.util
 import json
 import os
 import re
+import statistics
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,10 @@ import numpy as np
 import pytest
 
 import benchmarks
+from benchmarks import systems
 from benchmarks.__main__ import main
 from benchmarks.config import CaseConfig, ConfigError, load_config
+from benchmarks.measure import SystemRun, rotated, run_interleaved
 from benchmarks.states import build_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +115,21 @@ def test_smoke_measures_host_floors(smoke: tuple[dict, Path]) -> None:
             assert "skipped" in case["floors"]["pinned_d2h"]
 
 
+def test_smoke_takes_the_fsync_floor_in_the_rounds(smoke: tuple[dict, Path]) -> None:
+    config = load_config(SMOKE)
+    for case in smoke[0]["cases"]:
+        f = case["floors"]["disk_write_fsync"]
+        in_round = f["in_round_samples_s"]
+        assert len(in_round) == case["repeats"]  # One per round of steady saves.
+        assert len(f["up_front_samples_s"]) == config.floor_repeats
+        assert f["samples_s"] == f["up_front_samples_s"] + in_round
+        assert f["median_s"] == statistics.median(in_round)
+        assert (f["min_s"], f["max_s"]) == (min(in_round), max(in_round))
+        assert f["time_for_case_s"] == pytest.approx(
+            case["bytes"] / f["buffer_bytes"] * f["median_s"]
+        )
+
+
 @pytest.mark.parametrize("name", ["cpu-smoke", "cpu", "gpu", "tpu"])
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(CONFIGS / f"{name}.toml")
@@ -201,3 +220,149 @@ def test_array_states_have_the_requested_size(case: CaseConfig, nbytes: int, lea
     assert (state.nbytes, state.num_leaves) == (nbytes, leaves)
     first = np.asarray(jax.tree.leaves(state.tree)[0], np.float32)
     assert np.unique(first).size > 100  # Random, not constant (bf16 has few distinct values).
+
+
+class _FakeAdapter(systems.Adapter):
+    """Writes a small file per step and records every call in a shared list."""
+
+    has_metadata_restore = True
+
+    def __init__(self, name: str, directory: Path, calls: list, fail_on_save: int = 0) -> None:
+        self.name = name
+        self._dir = directory
+        self._calls = calls
+        self._fail_on_save = fail_on_save  # Raise on this save (counting from 1); 0: never.
+        self._saves = 0
+        self.closed = False
+        directory.mkdir(parents=True)
+
+    def save(self, step: int) -> None:
+        self._saves += 1
+        self._calls.append((self.name, "save", step))
+        if self._saves == self._fail_on_save:
+            raise OSError("disk full")
+        self.step_path(step).write_bytes(b"x")
+
+    def wait(self) -> None:
+        pass
+
+    def restore(self, step: int) -> Any:
+        self._calls.append((self.name, "restore", step))
+        return self.reference()
+
+    def restore_metadata(self, step: int) -> Any:
+        self._calls.append((self.name, "metadata", step))
+        return {}
+
+    def step_path(self, step: int) -> Path:
+        return self._dir / f"step_{step}"
+
+    def reference(self) -> Any:
+        return {"x": np.arange(4)}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_rotated_starts_each_round_one_further() -> None:
+    assert [rotated("abc", r) for r in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+    assert rotated([], 3) == []
+
+
+def test_systems_take_turns_and_a_failing_one_drops_out(tmp_path: Path) -> None:
+    calls: list = []
+    runs = [
+        SystemRun(_FakeAdapter("a", tmp_path / "a", calls), 4, 1e-3),
+        # b's 3rd save is its 2nd steady save (after 1 warm-up): it fails in round 1.
+        SystemRun(_FakeAdapter("b", tmp_path / "b", calls, fail_on_save=3), 4, 1e-3),
+        SystemRun(_FakeAdapter("c", tmp_path / "c", calls), 4, 1e-3),
+    ]
+
+    def floor() -> float:
+        calls.append(("floor", "save", 0))
+        return 0.5
+
+    outcome = run_interleaved(runs, warmup=1, repeats=3, floor=floor)
+
+    def order(op: str) -> list[str]:
+        return [name for name, o, _ in calls if o == op]
+
+    saves = order("save")
+    assert saves[:3] == ["a", "b", "c"]  # Warm-up, round 0.
+    # Steady rounds: a, b, c and the floor, round r starting at r mod n; b fails in round 1
+    # (its save is called, then raises) and is gone from round 2: [a, c, floor] from index 2.
+    assert saves[3:14] == ["a", "b", "c", "floor", "b", "c", "floor", "a", "floor", "a", "c"]
+    assert outcome.floor_samples == [0.5, 0.5, 0.5]
+    assert set(outcome.errors) == {"b"}
+    err = outcome.errors["b"]
+    assert err["status"] == "error" and err["reason"] == "OSError: disk full"
+    assert "disk full" in err["traceback"]
+    # Back-to-back pairs (two saves each), restores, metadata restores: b never again.
+    assert saves[14:] == ["a", "a", "c", "c", "c", "c", "a", "a", "a", "a", "c", "c"]
+    assert order("restore") == ["a", "c", "c", "a", "a", "c"]
+    assert order("metadata") == ["a", "c", "c", "a", "a", "c"]
+    for run in (runs[0], runs[2]):
+        metrics = run.metrics()
+        for metric in ("save_blocking_s", "back_to_back_blocking_s", "restore_s"):
+            assert len(metrics[metric]["samples"]) == 3, metric
+        assert len(metrics["warmup_durable_s"]["samples"]) == 1
+        # At most the last step is left on disk once every sample's older steps are deleted.
+        assert len(list((tmp_path / run.name).iterdir())) == 1
+
+
+def test_a_system_that_restores_wrong_values_is_an_error(tmp_path: Path) -> None:
+    calls: list = []
+    bad = _FakeAdapter("bad", tmp_path / "bad", calls)
+    bad.restore = lambda step: {"x": np.arange(4) + 1}  # type: ignore[method-assign]
+    runs = [SystemRun(bad, 4, 1e-3), SystemRun(_FakeAdapter("ok", tmp_path / "ok", calls), 4, 1e-3)]
+    outcome = run_interleaved(runs, warmup=1, repeats=2)
+    assert set(outcome.errors) == {"bad"}
+    assert "differs from the saved value" in outcome.errors["bad"]["reason"]
+    assert len(runs[1].metrics()["restore_s"]["samples"]) == 2
+
+
+def test_one_failing_system_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[str] = []
+
+    class FailingOrbax(systems.OrbaxAdapter):
+        """Raw Orbax whose second steady save raises."""
+
+        saves = 0
+
+        def save(self, step: int) -> None:
+            FailingOrbax.saves += 1
+            if FailingOrbax.saves == 3:
+                raise RuntimeError("injected failure")
+            super().save(step)
+
+        def close(self) -> None:
+            closed.append(self.name)
+            super().close()
+
+    monkeypatch.setitem(systems.ADAPTERS, "orbax", FailingOrbax)
+    config = GOOD.replace(
+        'size_mb = 1\n\n[[cases]]\nkind = "equal"\nsize_mb = 4\n', "size_mb = 1\n"
+    )
+    config = config.replace("warmup = 1", 'warmup = 1\nfloors = ["disk_write_fsync"]')
+    out = tmp_path / "out"
+    assert main(["--config", str(_write(tmp_path, config)), "--out", str(out), "--quiet"]) == 1
+    (case,) = json.loads((out / "results.json").read_text())["cases"]
+    orbax = case["systems"]["orbax"]
+    assert orbax["status"] == "error" and orbax["reason"] == "RuntimeError: injected failure"
+    assert "injected failure" in orbax["traceback"]
+    assert closed == ["orbax"]  # Closed although it failed.
+    ours = case["systems"]["datarax_ckpt"]
+    assert ours["status"] == "ok" and ours["restore_verified"] is True
+    for metric in ("save_blocking_s", "back_to_back_blocking_s", "restore_s", "restore_metadata_s"):
+        assert len(ours["metrics"][metric]["samples"]) == 2, metric
+    # The floor kept its turn in both rounds of steady saves.
+    assert len(case["floors"]["disk_write_fsync"]["in_round_samples_s"]) == 2
+    assert "orbax error: RuntimeError: injected failure" in (out / "results.md").read_text()
+    assert not any(p.name.startswith("bench-work-") for p in out.iterdir())  # Cleaned up.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 from _damage import DAMAGE, KIND, PACK_THRESHOLD, make_state
+from _trees import assert_identical
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from datarax_ckpt import (
@@ -86,6 +87,34 @@ def test_checksums_are_computed_off_the_callers_thread(tmp_path, monkeypatch):
     with OrbaxCheckpointHandler() as handler:
         handler.save(tmp_path, make_state(0), step=0)
     assert threads and threads[0] is not threading.current_thread()
+
+
+def test_a_failure_while_hashing_is_raised_and_the_step_still_restores(tmp_path, monkeypatch):
+    # Hashing runs in the checksums item's commit future, beside Orbax's array writes.
+    # If it fails, the step commits without checksums (its data is complete), older
+    # steps are kept, and the error surfaces on the next call.
+    state = make_state(2)
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path, make_state(1), step=1)
+        handler.wait_until_finished()
+
+        def broken(*args):
+            raise RuntimeError("hashing failed")
+
+        monkeypatch.setattr(_integrity, "compute", broken)
+        handler.save(tmp_path, state, step=2, keep=2)
+        with pytest.raises(CheckpointError, match="committed without content checksums") as e:
+            handler.wait_until_finished()
+        assert isinstance(e.value.__cause__, RuntimeError)
+        assert sorted(os.listdir(tmp_path)) == ["ckpt-1", "ckpt-2"]
+        report = handler.verify(tmp_path, step=2)
+        assert report.ok and not report.checksums_recorded
+        assert_identical(handler.restore(tmp_path, state, step=2), state)
+        monkeypatch.undo()
+        handler.save(tmp_path, make_state(3), step=3, keep=2)
+        handler.wait_until_finished()
+        assert handler.get_checkpoint_steps(tmp_path) == [2, 3]
+        assert handler.verify(tmp_path, step=3).ok
 
 
 def test_an_intact_checkpoint_verifies(handler, two_steps):
