@@ -52,9 +52,10 @@ METRIC_DOCS = {
     "restore_metadata_s": "metadata_only restore (datarax_ckpt only)",
     "peak_rss_extra_mb": "peak host RSS during save..durable minus RSS before save, MiB",
     "peak_rss_over_baseline_mb": (
-        "peak host RSS during save..durable minus RSS before the system's first save, MiB "
-        "(counts buffers kept between saves, e.g. a reused staging arena; that RSS is taken "
-        "with the case's other systems' managers alive, and memory they keep after it counts too)"
+        "peak host RSS during save..durable minus RSS before that save, plus the RSS this "
+        "system's own earlier saves kept (the sum of its rss_retained), MiB: counts buffers a "
+        "system keeps between saves (e.g. a reused staging arena) but not what the case's "
+        "other, interleaved systems keep"
     ),
     "back_to_back_peak_rss_over_baseline_mb": (
         "the same over a back-to-back pair of saves, until both are durable, MiB"
@@ -195,7 +196,9 @@ def save_sample(adapter: Adapter, step: int, rss_interval_s: float) -> SaveSampl
     return SaveSample(t1 - t0, t2 - t0, rss.baseline, rss.peak, rss.end)
 
 
-def back_to_back_sample(adapter: Adapter, step: int, rss_interval_s: float) -> tuple[float, int]:
+def back_to_back_sample(
+    adapter: Adapter, step: int, rss_interval_s: float
+) -> tuple[float, int, int, int]:
     """Saves ``step`` and, at once, ``step + 1``; waits until both are durable.
 
     Args:
@@ -204,8 +207,8 @@ def back_to_back_sample(adapter: Adapter, step: int, rss_interval_s: float) -> t
         rss_interval_s: RSS sampling period.
 
     Returns:
-        The time the second ``save()`` blocked, and the peak RSS in bytes until both were
-        durable.
+        The time the second ``save()`` blocked, and the RSS in bytes before the pair, at
+        its peak until both were durable, and once both were durable.
     """
     with RssSampler(rss_interval_s) as rss:
         adapter.save(step)
@@ -213,7 +216,7 @@ def back_to_back_sample(adapter: Adapter, step: int, rss_interval_s: float) -> t
         adapter.save(step + 1)
         blocking = time.perf_counter() - t0
         adapter.wait()
-    return blocking, rss.peak
+    return blocking, rss.baseline, rss.peak, rss.end
 
 
 def restore_sample(adapter: Adapter, step: int, check: bool) -> float:
@@ -273,7 +276,7 @@ class SystemRun:
         self._nbytes = nbytes
         self._rss_interval = rss_interval_s
         self._step = 0
-        self._baseline: int | None = None
+        self._kept = 0  # RSS this system's own saves kept so far, in bytes
         self._samples: dict[str, list[float]] = {k: [] for k in METRICS}
 
     @property
@@ -285,22 +288,23 @@ class SystemRun:
         if step >= 1:
             remove_path(self.adapter.step_path(step))
 
-    def _over_baseline_mb(self, rss: int) -> float:
-        assert self._baseline is not None, "warmup() must run first"
-        return (rss - self._baseline) / 2**20
+    def _over_baseline_mb(self, before: int, peak: int, end: int) -> float:
+        """Peak over the RSS before the sample, plus what this system kept earlier."""
+        over = (peak - before + self._kept) / 2**20
+        self._kept += end - before
+        return over
 
     def warmup(self, round_index: int) -> None:
-        """One warm-up save, waited on; the first one records the RSS baseline before it.
+        """One warm-up save, waited on; what it keeps in RSS counts in later samples.
 
         Args:
             round_index: The round (unused; every phase method takes it).
         """
-        if self._baseline is None:
-            self._baseline = psutil.Process().memory_info().rss
         self._step += 1
         s = save_sample(self.adapter, self._step, self._rss_interval)
         self._samples["warmup_save_blocking_s"].append(s.blocking_s)
         self._samples["warmup_durable_s"].append(s.durable_s)
+        self._over_baseline_mb(s.rss_before, s.rss_peak, s.rss_end)
         self._drop(self._step - 1)
 
     def steady(self, round_index: int) -> None:
@@ -316,7 +320,9 @@ class SystemRun:
         m["durable_s"].append(s.durable_s)
         m["durable_throughput_gbps"].append(self._nbytes / s.durable_s / 1e9)
         m["peak_rss_extra_mb"].append((s.rss_peak - s.rss_before) / 2**20)
-        m["peak_rss_over_baseline_mb"].append(self._over_baseline_mb(s.rss_peak))
+        m["peak_rss_over_baseline_mb"].append(
+            self._over_baseline_mb(s.rss_before, s.rss_peak, s.rss_end)
+        )
         m["rss_retained_mb"].append((s.rss_end - s.rss_before) / 2**20)
         m["disk_bytes"].append(disk_usage(self.adapter.step_path(self._step)))
         self._drop(self._step - 1)
@@ -327,9 +333,10 @@ class SystemRun:
         Args:
             round_index: The round (unused).
         """
-        blocking, peak = back_to_back_sample(self.adapter, self._step + 1, self._rss_interval)
+        blocking, *rss = back_to_back_sample(self.adapter, self._step + 1, self._rss_interval)
         self._samples["back_to_back_blocking_s"].append(blocking)
-        self._samples["back_to_back_peak_rss_over_baseline_mb"].append(self._over_baseline_mb(peak))
+        over = self._over_baseline_mb(*rss)
+        self._samples["back_to_back_peak_rss_over_baseline_mb"].append(over)
         self._drop(self._step)
         self._drop(self._step + 1)
         self._step += 2

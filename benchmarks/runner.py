@@ -54,10 +54,10 @@ RUN_NOTES = [
     "Every leaf is filled with random values; constant data would flatter compression.",
     "Sizes: MiB/GiB are 2**20/2**30 bytes; bandwidths are GB/s of 1e9 bytes.",
     "Peak RSS: 'extra' is against RSS just before that save(), so memory kept from an earlier "
-    "save and reused (a staging pool) does not show there; 'over baseline' is against RSS "
-    "before the system's first save, taken with the case's other managers alive (and those "
-    "warmed up earlier in the round holding what they keep), and does count it; "
-    "'back-to-back' is the same over a pair of saves issued at once, until both are durable.",
+    "save and reused (a staging pool) does not show there; 'over baseline' adds what the "
+    "system's own earlier saves kept in RSS (the sum of its RSS growth over its own samples, "
+    "so not what the interleaved other systems keep) and does count it; 'back-to-back' is the "
+    "same over a pair of saves issued at once, until both are durable.",
 ]
 
 

@@ -26,6 +26,11 @@ import numpy as np
 _SERIAL_BYTES = 4 << 20
 
 _pool_lock = threading.Lock()
+# Captures in progress. Background work that competes for the same cores and memory
+# bandwidth (checksum hashing of an earlier save) waits for them: a back-to-back save()
+# blocks for its capture, the background write only finishes a little later.
+_copying = 0
+_idle = threading.Condition()
 _pool_instance: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -62,6 +67,25 @@ def gather(jobs: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]]) -> None:
         >>> out.tolist()
         [1.0, 1.0, 0.0, 0.0, 0.0]
     """
+    global _copying
+    with _idle:
+        _copying += 1
+    try:
+        _gather(jobs)
+    finally:
+        with _idle:
+            _copying -= 1
+            _idle.notify_all()
+
+
+def yield_to_captures(timeout: float = 1.0) -> None:
+    """Waits (at most ``timeout`` seconds) while a capture is copying."""
+    if _copying:
+        with _idle:
+            _idle.wait_for(lambda: not _copying, timeout)
+
+
+def _gather(jobs: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]]) -> None:
     total = sum(destination.nbytes for destination, _ in jobs)
     workers = threads() if total >= _SERIAL_BYTES else 1
     share = -(-total // workers)

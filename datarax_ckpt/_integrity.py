@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 import xxhash
 from etils import epath
 
-from datarax_ckpt import _layout, _reading
+from datarax_ckpt import _hostcopy, _layout, _reading
 from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._structure import (
     _JSON_FILE,
@@ -77,6 +77,7 @@ def hash_array(value: Any) -> str:
     view = _array_view(value)
     h = xxhash.xxh3_64()
     for start in range(0, len(view), _HASH_CHUNK):
+        _hostcopy.yield_to_captures()  # a save() waiting on its copy goes first
         h.update(view[start : start + _HASH_CHUNK])
     return h.hexdigest()
 

@@ -24,9 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+import gc
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -238,6 +240,24 @@ def serialize(
     return arrays, manifest
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pauses the cyclic garbage collector while a save encodes and copies its state.
+
+    Encoding allocates a few objects per leaf, and each allocation burst triggers
+    collections that walk the whole heap (a training process's heap is large): on 2000
+    leaves this was a third of ``save()``'s blocking time. Nothing here makes cycles.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def encode_and_capture(
     tree: PyTree,
     *,
@@ -247,10 +267,11 @@ def encode_and_capture(
 ) -> tuple[dict[str, Any], dict, Any]:
     """:func:`serialize`, also returning the host arena to give back to ``pool`` later."""
     encoder = _Encoder()
-    root = encoder.encode(tree, "")
-    arrays, slots, packs, arena = _snapshot.capture(
-        encoder.slots, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot, pool=pool
-    )
+    with _no_gc():
+        root = encoder.encode(tree, "")
+        arrays, slots, packs, arena = _snapshot.capture(
+            encoder.slots, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot, pool=pool
+        )
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
