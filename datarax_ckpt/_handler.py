@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -16,6 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
+    _directory,
     _integrity,
     _layout,
     _multihost,
@@ -36,128 +36,6 @@ from datarax_ckpt._typing import PathLike, PyTree
 from datarax_ckpt.options import CheckpointOptions
 
 logger = logging.getLogger("datarax_ckpt")
-
-
-class _SubmissionOrderLock:
-    """A lock granted to jobs in the order they were submitted (a ticket lock).
-
-    Multi-process runs need the order, not just the exclusion: a job may wait at a
-    barrier for the same job on the other processes, and with a plain lock two
-    directories' workers could take it in different orders on two processes and wait
-    for each other until the barrier times out. Every process submits the same jobs in
-    the same order, so tickets make them run in the same order everywhere.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._issued = 0
-        self._serving = 0
-
-    def submit(self, executor, fn, *args) -> concurrent.futures.Future:
-        # Ticket and enqueue together: a worker must never hold a job whose ticket comes
-        # after one still waiting behind it in its own queue.
-        with self._cond:
-            future = executor.submit(self._run, self._issued, fn, *args)
-            self._issued += 1
-            return future
-
-    def _run(self, ticket: int, fn, *args):
-        with self._cond:
-            self._cond.wait_for(lambda: self._serving == ticket)
-        try:
-            return fn(*args)
-        finally:
-            with self._cond:
-                self._serving += 1
-                self._cond.notify_all()
-
-
-# Orbax keeps process-global state for async saves (operation ids and the signals that
-# order directory creation before writes): two CheckpointManagers saving at once from two
-# threads write into folders that do not exist yet. Every Orbax call of every handler in
-# this process therefore runs under this lock; per-directory order is kept by the workers.
-_ORBAX_LOCK = _SubmissionOrderLock()
-
-
-@dataclasses.dataclass
-class _Pending:
-    future: concurrent.futures.Future
-    nbytes: int
-    name: str
-    arena: Any = None  # host buffers of the capture, reused once the write has finished
-
-
-class _Directory:
-    """Everything the handler keeps for one checkpoint directory.
-
-    All Orbax calls for a directory run on its single worker thread, in submission
-    order: the CheckpointManager (not thread-safe) is only ever touched by that thread,
-    and a restore queued after a save sees that save (read-your-writes).
-    """
-
-    def __init__(self, path: epath.Path, options: CheckpointOptions):
-        self.path = path
-        self.options = options
-        self.worker = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"datarax-ckpt:{path.name}"
-        )
-        self.pending: collections.deque[_Pending] = collections.deque()
-        self.policy = ocp.checkpoint_managers.LatestN(n=None)
-        self.pool = _snapshot.ArenaPool(max_free=options.max_pending_saves)
-        self._manager: ocp.CheckpointManager | None = None
-        self.coordinator = _multihost.Coordinator(str(path))
-
-    def item_handlers(self) -> dict[str, Any]:
-        return {
-            _layout.ITEM_STATE: _reading.state_handler(
-                use_ocdbt=self.options.use_ocdbt, use_compression=self.options.use_compression
-            ),
-            _layout.ITEM_MANIFEST: ocp.JsonCheckpointHandler(),
-            _layout.ITEM_METADATA: ocp.JsonCheckpointHandler(),
-            _layout.ITEM_CHECKSUMS: _integrity.ChecksumsHandler(),
-        }
-
-    def manager(self) -> ocp.CheckpointManager:
-        """The directory's CheckpointManager (worker thread only); created on first use."""
-        if self._manager is None:
-            if _multihost.is_primary():
-                _layout.recover(self.path)
-            self.coordinator.barrier("recovered")  # the others wait for process 0's repairs
-            self._manager = ocp.CheckpointManager(
-                self.path,
-                options=ocp.CheckpointManagerOptions(
-                    step_name_format=_layout.NAME_FORMAT,
-                    preservation_policy=self.policy,
-                    create=False,
-                    cleanup_tmp_directories=self.options.cleanup_tmp_directories,
-                    enable_async_checkpointing=True,
-                    todelete_subdir=_layout.TRASH,  # atomic removal, see _layout.TRASH
-                    # Create the step's tmp folder on this worker thread, before any write
-                    # is scheduled: created asynchronously, a failure (read-only or full
-                    # disk) orphans Orbax threads that wait 300 s for it and block exit.
-                    async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
-                ),
-                item_handlers=self.item_handlers(),
-            )
-            # Orbax removes stale temporary folders in the background; finish that now so
-            # it cannot race the unversioned checkpoint, which is written beside the steps.
-            getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
-        return self._manager
-
-    def run(self, fn, *args) -> concurrent.futures.Future:
-        return _ORBAX_LOCK.submit(self.worker, fn, *args)
-
-    def drain(self) -> None:
-        """Waits until every job queued so far has finished (errors are reported elsewhere)."""
-        self.worker.submit(lambda: None).result()
-
-    def close(self) -> None:
-        try:
-            if self._manager is not None:
-                self.run(self._manager.close).result()
-        finally:
-            self.worker.shutdown(wait=True)
-            self.pool.clear()
 
 
 _LIVE_HANDLERS: weakref.WeakSet[OrbaxCheckpointHandler] = weakref.WeakSet()
@@ -245,7 +123,7 @@ class OrbaxCheckpointHandler:
         self.options = dataclasses.replace(options, **overrides) if overrides else options
         self._lock = threading.RLock()  # serializes public calls' critical sections
         self._state = threading.Lock()  # guards pending queues and errors; never held while waiting
-        self._directories: dict[str, _Directory] = {}
+        self._directories: dict[str, _directory.Directory] = {}
         self._errors: list[BaseException] = []
         self._closed = False
         _LIVE_HANDLERS.add(self)
@@ -347,7 +225,7 @@ class OrbaxCheckpointHandler:
         with self._lock:
             self._check_open()
             self._raise_errors()
-            handle = self._directory(path)
+            handle = self._handle_for(path)
             try:
                 with self._state:
                     queued = any(p.name == name for p in handle.pending)
@@ -384,7 +262,7 @@ class OrbaxCheckpointHandler:
             future = handle.run(
                 self._write, handle, step, arrays, manifest, metadata, keep, overwrite
             )
-            pending = _Pending(future, nbytes, name, arena)
+            pending = _directory.Pending(future, nbytes, name, arena)
             with self._state:
                 handle.pending.append(pending)
             future.add_done_callback(lambda f: self._finished(handle, pending))
@@ -393,11 +271,11 @@ class OrbaxCheckpointHandler:
             self._raise_errors()
         return str(epath.Path(directory) / name)
 
-    def _make_room(self, handle: _Directory, nbytes: int) -> bool:
+    def _make_room(self, handle: _directory.Directory, nbytes: int) -> bool:
         """Applies the backpressure policy; returns False if the save must be skipped."""
         opts = self.options
 
-        def oldest_if_full() -> _Pending | None:
+        def oldest_if_full() -> _directory.Pending | None:
             with self._state:
                 pending = [p for p in handle.pending if not p.future.done()]
             held = sum(p.nbytes for p in pending)
@@ -413,7 +291,7 @@ class OrbaxCheckpointHandler:
             concurrent.futures.wait([oldest.future])
         return True
 
-    def _finished(self, handle: _Directory, pending: _Pending) -> None:
+    def _finished(self, handle: _directory.Directory, pending: _directory.Pending) -> None:
         with self._state:
             if pending in handle.pending:
                 handle.pending.remove(pending)
@@ -568,7 +446,9 @@ class OrbaxCheckpointHandler:
             self._read, handle, target, step, metadata_only, verify, fallback
         ).result()
 
-    def _read(self, handle: _Directory, target, step, metadata_only, verify, fallback) -> Any:
+    def _read(
+        self, handle: _directory.Directory, target, step, metadata_only, verify, fallback
+    ) -> Any:
         path = handle.path
         if not path.is_dir():
             raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
@@ -643,7 +523,10 @@ class OrbaxCheckpointHandler:
             serialization.check_manifest(loaded[_layout.ITEM_MANIFEST], str(path))
             _integrity.check_json_item(structure, _layout.ITEM_METADATA, loaded[items[0]])
             return loaded[_layout.ITEM_METADATA]
-        manifest = read(**{_layout.ITEM_MANIFEST: ocp.args.JsonRestore()})[_layout.ITEM_MANIFEST]
+        manifest = structure.manifest  # parsed by the structural check, which reads it
+        if manifest is None:
+            manifest = read(**{_layout.ITEM_MANIFEST: ocp.args.JsonRestore()})
+            manifest = manifest[_layout.ITEM_MANIFEST]
         serialization.check_manifest(manifest, str(path))
         _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
         plan = serialization.plan_restore(manifest, target)
@@ -691,7 +574,7 @@ class OrbaxCheckpointHandler:
         handle = self._enter(path)
         return handle.run(self._verify, handle, step).result()
 
-    def _verify(self, handle: _Directory, step: int | None) -> _structure.VerifyReport:
+    def _verify(self, handle: _directory.Directory, step: int | None) -> _structure.VerifyReport:
         path = handle.path
         if not path.is_dir():
             raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
@@ -734,15 +617,15 @@ class OrbaxCheckpointHandler:
         if self._closed:
             raise RuntimeError("This OrbaxCheckpointHandler is closed; create a new one.")
 
-    def _directory(self, path: epath.Path) -> _Directory:
+    def _handle_for(self, path: epath.Path) -> _directory.Directory:
         key = str(path.resolve()) if not str(path).startswith("gs://") else str(path)
         handle = self._directories.get(key)
         if handle is None:
-            handle = self._directories[key] = _Directory(path, self.options)
+            handle = self._directories[key] = _directory.Directory(path, self.options)
         return handle
 
-    def _enter(self, path: epath.Path) -> _Directory:
+    def _enter(self, path: epath.Path) -> _directory.Directory:
         with self._lock:
             self._check_open()
             self._raise_errors()
-            return self._directory(path)
+            return self._handle_for(path)

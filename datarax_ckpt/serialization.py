@@ -425,7 +425,8 @@ class _Planner:
         if use_target:
             if type(target) is not dict:
                 raise self._mismatch(path, type(target).__name__, "a dict")
-            missing = [k for k in target if k not in keys]
+            stored = set(keys)  # a set: thousands of keys must not cost a quadratic scan
+            missing = [k for k in target if k not in stored]
             extra = [k for k in keys if k not in target]
             if missing or extra:
                 raise self._mismatch(
