@@ -15,10 +15,11 @@ copied in 8 MiB pieces took 170 ms instead of 98 ms on one thread.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,12 +27,37 @@ import numpy as np
 _SERIAL_BYTES = 4 << 20
 
 _pool_lock = threading.Lock()
-# Captures in progress. Background work that competes for the same cores and memory
-# bandwidth (checksum hashing of an earlier save) waits for them: a back-to-back save()
-# blocks for its capture, the background write only finishes a little later.
+# save() calls capturing their state. Background work that competes for the same cores,
+# memory bandwidth and GIL (checksum hashing of an earlier save) waits for them: a
+# back-to-back save() blocks only for its capture; the earlier write ends a little later.
 _copying = 0
 _idle = threading.Condition()
 _pool_instance: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[None]:
+    """Marks a ``save()`` capturing its state (see :func:`yield_to_captures`)."""
+    global _copying
+    with _idle:
+        _copying += 1
+    try:
+        yield
+    finally:
+        with _idle:
+            _copying -= 1
+            _idle.notify_all()
+
+
+def yield_to_captures(timeout: float = 1.0) -> None:
+    """Waits (at most ``timeout`` seconds) while a ``save()`` is capturing its state.
+
+    Background work of earlier saves calls it between pieces of work: on few cores it
+    would otherwise take CPU time and the GIL from the capture the caller waits for.
+    """
+    if _copying:
+        with _idle:
+            _idle.wait_for(lambda: not _copying, timeout)
 
 
 def threads() -> int:
@@ -67,25 +93,6 @@ def gather(jobs: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]]) -> None:
         >>> out.tolist()
         [1.0, 1.0, 0.0, 0.0, 0.0]
     """
-    global _copying
-    with _idle:
-        _copying += 1
-    try:
-        _gather(jobs)
-    finally:
-        with _idle:
-            _copying -= 1
-            _idle.notify_all()
-
-
-def yield_to_captures(timeout: float = 1.0) -> None:
-    """Waits (at most ``timeout`` seconds) while a capture is copying."""
-    if _copying:
-        with _idle:
-            _idle.wait_for(lambda: not _copying, timeout)
-
-
-def _gather(jobs: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]]) -> None:
     total = sum(destination.nbytes for destination, _ in jobs)
     workers = threads() if total >= _SERIAL_BYTES else 1
     share = -(-total // workers)
