@@ -41,12 +41,13 @@ class CheckpointOptions:
         cleanup_tmp_directories: Remove temporary folders left by a killed save when a
             directory is first used.
         checksums: Record an xxh3-64 checksum of every stored array (and of the manifest
-            and metadata) with each save, computed on the background thread. It lets
+            and metadata) with each save, hashed in the background beside the write. It lets
             ``verify()`` and ``restore()`` detect silent corruption (see ``docs/trust.md``
             for its measured cost).
         verify_on_restore: Check the recorded checksums of everything ``restore()`` reads
-            (default True: hashing runs at several GB/s, far above Orbax's read rate).
-            ``restore(verify=...)`` overrides it per call.
+            before returning it (default True; measured: +27% on a 1 GiB restore on the
+            2-core CI machine, see ``docs/trust.md``). ``restore(verify=...)`` overrides it
+            per call.
 
     Raises:
         ValueError: if a value is out of range.
