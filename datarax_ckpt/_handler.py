@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -16,6 +18,7 @@ from etils import epath
 
 from datarax_ckpt import (
     _directory,
+    _hostcopy,
     _integrity,
     _layout,
     _multihost,
@@ -216,13 +219,20 @@ class OrbaxCheckpointHandler:
                 before writing; that process raises its own error. No process saves.
             Exception: an error of an earlier background write.
         """
+        # Marked first thing, before anything releases the GIL: an earlier save's worker
+        # about to start its Orbax work then waits for this capture (on few cores Orbax's
+        # Python save path would otherwise take the GIL and CPU from it).
+        with _hostcopy.capturing() as capture:
+            return self._save(capture, directory, target, step, metadata, keep, overwrite)
+
+    def _save(self, capture, directory, target, step, metadata, keep, overwrite) -> str | None:
         step = _validate.step(step)
         _validate.keep(keep)
         _validate.flag("overwrite", overwrite)
         metadata = _validate.metadata(metadata)
         path = _validate.directory(directory)
         name = _layout.step_name(step)
-        with self._lock:
+        with self._lock_for(capture):
             self._check_open()
             self._raise_errors()
             handle = self._handle_for(path)
@@ -240,6 +250,7 @@ class OrbaxCheckpointHandler:
                     snapshot=self.options.snapshot,
                     pool=handle.pool,
                 )
+                capture.end()
                 nbytes = _snapshot.nbytes(arrays)
                 room = self._make_room(handle, nbytes)
             except Exception as e:
@@ -270,6 +281,19 @@ class OrbaxCheckpointHandler:
             handle.drain()
             self._raise_errors()
         return str(epath.Path(directory) / name)
+
+    @contextlib.contextmanager
+    def _lock_for(self, capture: _hostcopy.capturing) -> Iterator[None]:
+        """``self._lock``; while waiting for it (another thread's save holds it, perhaps
+        waiting for the worker) this save does not count as capturing."""
+        if not self._lock.acquire(blocking=False):
+            capture.end()
+            self._lock.acquire()
+            capture.begin()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _make_room(self, handle: _directory.Directory, nbytes: int) -> bool:
         """Applies the backpressure policy; returns False if the save must be skipped."""
@@ -323,6 +347,7 @@ class OrbaxCheckpointHandler:
         In a multi-process run only process 0 creates, moves and deletes folders; the
         others wait at barriers, so nobody races it.
         """
+        _hostcopy.yield_to_captures()  # a save() capturing right now goes first
         primary = _multihost.is_primary()
         if primary:
             handle.path.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,11 @@ copied in 8 MiB pieces took 170 ms instead of 98 ms on one thread.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,29 +35,58 @@ _idle = threading.Condition()
 _pool_instance: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-@contextlib.contextmanager
-def capturing() -> Iterator[None]:
-    """Marks a ``save()`` capturing its state (see :func:`yield_to_captures`)."""
-    global _copying
-    with _idle:
-        _copying += 1
-    try:
-        yield
-    finally:
-        with _idle:
-            _copying -= 1
-            _idle.notify_all()
+class capturing:  # noqa: N801 - used like a function: ``with capturing() as c``
+    """Marks a ``save()`` capturing its state (see :func:`yield_to_captures`).
+
+    ``end()`` ends the mark early and ``begin()`` starts it again (both idempotent), e.g.
+    around waiting for a lock; leaving the ``with`` block ends it.
+    """
+
+    _open = False
+
+    def __enter__(self) -> capturing:
+        self.begin()
+        return self
+
+    def begin(self) -> None:
+        global _copying
+        if not self._open:
+            self._open = True
+            with _idle:
+                _copying += 1
+
+    def end(self) -> None:
+        global _copying
+        if self._open:
+            self._open = False
+            with _idle:
+                _copying -= 1
+                _idle.notify_all()
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
 
 
 def yield_to_captures(timeout: float = 1.0) -> None:
     """Waits (at most ``timeout`` seconds) while a ``save()`` is capturing its state.
 
-    Background work of earlier saves calls it between pieces of work: on few cores it
-    would otherwise take CPU time and the GIL from the capture the caller waits for.
+    Background work of earlier saves calls it before it starts: on few cores it would
+    otherwise take CPU time and the GIL from the capture the caller waits for.
     """
-    if _copying:
+    if _copying and timeout > 0:
         with _idle:
             _idle.wait_for(lambda: not _copying, timeout)
+
+
+class YieldBudget:
+    """:func:`yield_to_captures` for a loop, waiting at most ``seconds`` in all."""
+
+    def __init__(self, seconds: float):
+        self._deadline = time.monotonic() + seconds
+
+    def __call__(self) -> None:
+        if _copying:
+            yield_to_captures(self._deadline - time.monotonic())
 
 
 def threads() -> int:

@@ -72,12 +72,15 @@ def _array_view(value: Any) -> memoryview:
     return memoryview(host.reshape(-1).view(np.uint8))
 
 
-def hash_array(value: Any) -> str:
-    """xxh3-64 hex digest of an array's bytes (C order), hashed in GIL-free chunks."""
+def hash_array(value: Any, pause: Callable[[], None] = lambda: None) -> str:
+    """xxh3-64 hex digest of an array's bytes (C order), hashed in GIL-free chunks.
+
+    ``pause()`` is called before each chunk (a save's hashing yields to captures).
+    """
     view = _array_view(value)
     h = xxhash.xxh3_64()
     for start in range(0, len(view), _HASH_CHUNK):
-        _hostcopy.yield_to_captures()  # a save() waiting on its copy goes first
+        pause()
         h.update(view[start : start + _HASH_CHUNK])
     return h.hexdigest()
 
@@ -104,12 +107,16 @@ def hash_json(value: Any) -> str:
 def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
     """The ``checksums`` item of one save: one record per stored array, plus the JSON items.
 
-    Runs on the writer's thread. A packed buffer also gets one checksum per leaf packed
+    Runs in the checksums item's commit future (:class:`ChecksumsHandler`), beside the
+    array writes, pausing (1 s at most in all) while a ``save()`` captures its state.
+    A packed buffer also gets one checksum per leaf packed
     in it (``"slots"``), so damage is traced to the exact leaf. An array that this
     process cannot see whole (sharded over several processes) gets ``{"skipped":
     reason}`` instead of a checksum.
     """
     segments = _pack_segments(manifest)
+    # A save() capturing meanwhile (a back-to-back save) goes first, for at most 1 s.
+    pause = _hostcopy.YieldBudget(1.0)
 
     def record_of(key: str, value: Any) -> dict:
         record = {
@@ -120,11 +127,12 @@ def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
         if isinstance(value, jax.Array) and not value.is_fully_addressable:
             record["skipped"] = "sharded over several processes"
         else:
-            record[ALGORITHM] = hash_array(value)
+            record[ALGORITHM] = hash_array(value, pause)
             if key in segments:
                 flat = np.asarray(value).reshape(-1)
                 record["slots"] = {
-                    str(slot): hash_array(flat[start:stop]) for slot, start, stop in segments[key]
+                    str(slot): hash_array(flat[start:stop], pause)
+                    for slot, start, stop in segments[key]
                 }
         return record
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarax_ckpt import _hostcopy, _snapshot
+from datarax_ckpt import _snapshot
 from datarax_ckpt._errors import CheckpointFormatError, StructureMismatchError
 from datarax_ckpt._typing import Checkpointable, PyTree
 from datarax_ckpt.options import DEFAULT_PACK_THRESHOLD_BYTES
@@ -267,7 +267,7 @@ def encode_and_capture(
 ) -> tuple[dict[str, Any], dict, Any]:
     """:func:`serialize`, also returning the host arena to give back to ``pool`` later."""
     encoder = _Encoder()
-    with _no_gc(), _hostcopy.capturing():
+    with _no_gc():
         root = encoder.encode(tree, "")
         arrays, slots, packs, arena = _snapshot.capture(
             encoder.slots, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot, pool=pool

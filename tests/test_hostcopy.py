@@ -1,5 +1,8 @@
 """_hostcopy.gather: the capture's copy, shared between threads, must be exact."""
 
+import threading
+import time
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -57,3 +60,42 @@ def test_gather_of_nothing_is_a_no_op():
 
 def test_threads_is_between_one_and_four():
     assert 1 <= _hostcopy.threads() <= 4
+
+
+def test_background_work_waits_for_a_capture_in_progress():
+    # What lets a back-to-back save() run its capture without an earlier save's
+    # background work (Orbax's save path, hashing) taking the cores and the GIL from it.
+    done = threading.Event()
+    waited = []
+
+    def background():
+        _hostcopy.yield_to_captures(timeout=30)
+        waited.append(capture_over.is_set())
+        done.set()
+
+    capture_over = threading.Event()
+    with _hostcopy.capturing() as capture:
+        worker = threading.Thread(target=background)
+        worker.start()
+        assert not done.wait(0.2)  # held back while the capture runs
+        capture_over.set()
+        capture.end()
+        assert done.wait(10)
+        capture.end()  # idempotent
+    worker.join()
+    assert waited == [True]
+
+
+def test_background_work_waits_a_bounded_time():
+    with _hostcopy.capturing():
+        start = time.monotonic()
+        _hostcopy.yield_to_captures(timeout=0.1)
+        assert 0.1 <= time.monotonic() - start < 5
+        start = time.monotonic()
+        budget = _hostcopy.YieldBudget(0.2)
+        for _ in range(50):  # a hashing loop: 0.2 s in all, not 0.2 s per call
+            budget()
+        assert 0.2 <= time.monotonic() - start < 5
+    start = time.monotonic()
+    _hostcopy.yield_to_captures(timeout=30)  # nothing capturing: returns at once
+    assert time.monotonic() - start < 1
