@@ -10,6 +10,12 @@ calling thread.
 Copies are kept as large as the balance allows: glibc's ``memcpy`` switches to
 non-temporal stores above a threshold (114 MiB on that machine), and the same 1 GiB
 copied in 8 MiB pieces took 170 ms instead of 98 ms on one thread.
+
+A ``save()`` also marks itself as capturing (:class:`capturing`) so that background work
+of earlier saves waits for it (:func:`yield_to_captures`): on few cores Orbax's Python
+save path and the checksum hashing would otherwise take the GIL and the CPU from the copy
+the training loop is waiting for (back-to-back ``save()`` of GPT-2 small: 256-467 ms
+before, 90-99 ms after, like a lone ``save()``).
 """
 
 from __future__ import annotations
@@ -27,10 +33,8 @@ import numpy as np
 _SERIAL_BYTES = 4 << 20
 
 _pool_lock = threading.Lock()
-# save() calls capturing their state. Background work that competes for the same cores,
-# memory bandwidth and GIL (checksum hashing of an earlier save) waits for them: a
-# back-to-back save() blocks only for its capture; the earlier write ends a little later.
-_copying = 0
+# How many save() calls are capturing their state right now (see capturing).
+_capturing = 0
 _idle = threading.Condition()
 _pool_instance: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -49,18 +53,18 @@ class capturing:  # noqa: N801 - used like a function: ``with capturing() as c``
         return self
 
     def begin(self) -> None:
-        global _copying
+        global _capturing
         if not self._open:
             self._open = True
             with _idle:
-                _copying += 1
+                _capturing += 1
 
     def end(self) -> None:
-        global _copying
+        global _capturing
         if self._open:
             self._open = False
             with _idle:
-                _copying -= 1
+                _capturing -= 1
                 _idle.notify_all()
 
     def __exit__(self, *exc: object) -> None:
@@ -73,9 +77,9 @@ def yield_to_captures(timeout: float = 1.0) -> None:
     Background work of earlier saves calls it before it starts: on few cores it would
     otherwise take CPU time and the GIL from the capture the caller waits for.
     """
-    if _copying and timeout > 0:
+    if _capturing and timeout > 0:
         with _idle:
-            _idle.wait_for(lambda: not _copying, timeout)
+            _idle.wait_for(lambda: not _capturing, timeout)
 
 
 class YieldBudget:
@@ -85,7 +89,7 @@ class YieldBudget:
         self._deadline = time.monotonic() + seconds
 
     def __call__(self) -> None:
-        if _copying:
+        if _capturing:
             yield_to_captures(self._deadline - time.monotonic())
 
 
