@@ -226,6 +226,7 @@ class DiskWriteFloor:
             return time.perf_counter() - t0
         finally:
             self._path.unlink(missing_ok=True)
+            os.sync()  # the next system's sample must not pay for freeing the file
 
     def close(self) -> None:
         """Deletes the file, if any, and frees the buffer."""
