@@ -39,18 +39,30 @@ from datarax_ckpt import OrbaxCheckpointHandler, _snapshot
 
 REACHED = "kill point reached:"  # written to the log just before the kill
 
-# Kill points, each a hook on one phase of a save; "nth" picks the call that dies.
-POINTS = (
-    "capture.enter",  # the state was encoded, its arrays not yet copied
-    "capture.copied",  # the arrays were copied, the manifest not yet built
-    "write.enter",  # the worker starts the write: the save is queued, nothing on disk
-    "write.arrays",  # array writes scheduled in the tmp folder; dies after delay_ms
-    "write.json",  # a JSON item (manifest/metadata) was written in the tmp folder
-    "commit.before_rename",  # tmp folder complete with commit_success.txt, not renamed
-    "commit.after_rename",  # renamed to ckpt-<step>; retention not yet applied
-    "retention.delete",  # retention is about to remove an old step
-    "retention.unlink",  # retention is removing an old step's files (dies before the nth)
-)
+# Kill points, each a hook on one phase of a save; "nth" picks the call that dies. Each
+# names the functions it wraps: (owner, name, kill after the call rather than before).
+_HOOKS = {
+    # the state was encoded, its arrays not yet copied
+    "capture.enter": [(_snapshot, "capture", False)],
+    # the arrays were copied, the manifest not yet built
+    "capture.copied": [(_snapshot, "capture", True)],
+    # the worker starts the write: the save is queued, nothing on disk
+    "write.enter": [(OrbaxCheckpointHandler, "_write", False)],
+    # array writes scheduled in the tmp folder; dies after delay_ms
+    "write.arrays": [(ocp.PyTreeCheckpointHandler, "async_save", True)],
+    # a JSON item (manifest/metadata) was written in the tmp folder
+    "write.json": [(ocp.JsonCheckpointHandler, "async_save", True)],
+    # tmp folder complete with commit_success.txt, not renamed
+    "commit.before_rename": [(async_path, "rename", False)],
+    # renamed to ckpt-<step>; retention not yet applied
+    "commit.after_rename": [(async_path, "rename", True)],
+    # retention is about to remove an old step
+    "retention.delete": [(deleter.StandardCheckpointDeleter, "delete", False)],
+    # retention is removing an old step's files (dies before the nth); deletion of old
+    # steps is the only caller of os.unlink/os.rmdir in a save
+    "retention.unlink": [(os, "unlink", False), (os, "rmdir", False)],
+}
+POINTS = tuple(_HOOKS)
 
 
 def make_state(step: int) -> dict:
@@ -128,30 +140,13 @@ def _wrap(owner: Any, name: str, counter: _Counter, *, after: bool) -> None:
 
 
 def arm(point: str, nth: int, delay_ms: float) -> None:
-    """Installs the hook that SIGKILLs this process at the ``nth`` pass through ``point``."""
-    counter = _Counter(point, nth, delay_ms)
-    if point == "capture.enter":
-        _wrap(_snapshot, "capture", counter, after=False)
-    elif point == "capture.copied":
-        _wrap(_snapshot, "capture", counter, after=True)
-    elif point == "write.enter":
-        _wrap(OrbaxCheckpointHandler, "_write", counter, after=False)
-    elif point == "write.arrays":
-        _wrap(ocp.PyTreeCheckpointHandler, "async_save", counter, after=True)
-    elif point == "write.json":
-        _wrap(ocp.JsonCheckpointHandler, "async_save", counter, after=True)
-    elif point == "commit.before_rename":
-        _wrap(async_path, "rename", counter, after=False)
-    elif point == "commit.after_rename":
-        _wrap(async_path, "rename", counter, after=True)
-    elif point == "retention.delete":
-        _wrap(deleter.StandardCheckpointDeleter, "delete", counter, after=False)
-    elif point == "retention.unlink":
-        # Deletion of old steps is the only caller of os.unlink/os.rmdir in a save.
-        _wrap(os, "unlink", counter, after=False)
-        _wrap(os, "rmdir", counter, after=False)
-    elif point != "none":
+    """Installs the hook that SIGKILLs this process at the ``nth`` pass through ``point``
+    (``"none"``: no hook)."""
+    if point != "none" and point not in _HOOKS:
         raise ValueError(f"unknown kill point {point!r}")
+    counter = _Counter(point, nth, delay_ms)
+    for owner, name, after in _HOOKS.get(point, []):
+        _wrap(owner, name, counter, after=after)
 
 
 # --------------------------------------------------------------------------- storage faults
