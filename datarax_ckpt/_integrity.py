@@ -195,7 +195,11 @@ class ChecksumsSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(ChecksumsHandler, for_restore=True)
 @dataclasses.dataclass
 class ChecksumsRestore(ocp.args.CheckpointArgs):
-    """Reads the ``checksums`` item back (a dict)."""
+    """Reads the ``checksums`` item back (a dict).
+
+    Never passed by datarax_ckpt (it reads the file itself), but Orbax needs a handler's
+    save and restore args both registered to use the handler for saving at all.
+    """
 
 
 def _pack_segments(manifest: dict) -> dict[str, list[tuple[int, int, int]]]:
