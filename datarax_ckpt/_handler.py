@@ -22,7 +22,6 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _multihost,
-    _reading,
     _snapshot,
     _structure,
     _validate,
@@ -555,11 +554,8 @@ class OrbaxCheckpointHandler:
         serialization.check_manifest(manifest, str(path))
         _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
         plan = serialization.plan_restore(manifest, target)
-        loaded = {}
-        if plan.storage and structure.checksums is not None:
-            loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
-        elif plan.storage:
-            loaded = _reading.place(_reading.read(read, plan.storage), plan.storage)
+        # Without checksums to check (none recorded, or verify off) this is a plain read.
+        loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
         return plan.build(loaded)
 
     # ------------------------------------------------------------------ verifying

@@ -324,8 +324,9 @@ def load_verified(
     Arrays with a checksum are read in their stored dtype and hashed before anything
     is returned (in host memory, or shard by shard in place for arrays spread over
     several CPU devices), then put on the requested sharding and cast to the requested
-    dtype (:func:`datarax_ckpt._reading.place`). The others (no record, or a sharding
-    this process cannot hold whole) are read the ordinary way.
+    dtype (:func:`datarax_ckpt._reading.place`). The others (no record, ``structure``
+    without checksums, or a sharding this process cannot hold whole) are read the
+    ordinary way.
 
     Raises:
         CheckpointCorruptedError: naming the file, stored array and leaves that differ.
