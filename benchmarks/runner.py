@@ -355,17 +355,25 @@ def run(
     try:
         for ci, case in enumerate(config.cases):
             results["cases"].append(_run_case(ci, case, config, work, log))
+            # Written after every case, so a run cut short (a lent machine's time limit)
+            # still leaves the cases it finished.
+            _write_json(out / "results.json", {**results, "complete": False})
             gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["elapsed_s"] = time.perf_counter() - t_start
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
     log.prefix = ""
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    results["complete"] = True
+    _write_json(out / "results.json", results)
     (out / "results.md").write_text(report.markdown(results))
     report.plot(results, out / "plot.png")
     log(f"done in {results['elapsed_s']:.1f}s: {out}/results.json, results.md, plot.png")
     return results
+
+
+def _write_json(path: Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(x: Any) -> Any:
