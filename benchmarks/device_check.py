@@ -186,7 +186,87 @@ def save_blocking(workdir: Path) -> dict:
     return out
 
 
-def restore_split(num_leaves: int = 2000, leaf_kib: int = 64) -> dict:
+def restore_phases(workdir: Path) -> dict:
+    """Where a restore of the GPT-2-small training state onto the device spends its time."""
+    import datarax_ckpt._integrity as integrity
+    import datarax_ckpt._reading as reading
+    from datarax_ckpt import OrbaxCheckpointHandler
+
+    state = build_state(CaseConfig(kind="gpt2", width_scale=1.0), seed=0)
+    directory = workdir / "restore"
+    phases: dict[str, float] = {}
+
+    def timed(module: Any, name: str) -> None:
+        fn = getattr(module, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(module, name, wrapper)
+
+    out: dict[str, Any] = {}
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(directory, state.tree, step=1)
+        handler.wait_until_finished()
+        host_target = jax.tree.map(
+            lambda x: np.asarray(x) if isinstance(x, jax.Array) and not _is_key(x) else x,
+            state.tree,
+        )
+        out["restore_s"] = _median_s(
+            lambda: jax.block_until_ready(handler.restore(directory, state.tree)), 3
+        )
+        out["restore_no_verify_s"] = _median_s(
+            lambda: jax.block_until_ready(handler.restore(directory, state.tree, verify=False)), 3
+        )
+        out["restore_to_numpy_s"] = _median_s(
+            lambda: handler.restore(directory, host_target, verify=False), 3
+        )
+        for module, name in ((reading, "read"), (reading, "place"), (integrity, "_map_threads")):
+            timed(module, name)
+        t0 = time.perf_counter()
+        jax.block_until_ready(handler.restore(directory, state.tree))
+        out["one_restore_s"] = time.perf_counter() - t0
+        out["one_restore_phases_s"] = dict(phases)
+    leaves = [x for x in jax.tree.leaves(state.orbax_tree) if isinstance(x, jax.Array)]
+    host = [np.asarray(x) for x in leaves]
+    devices = [x.sharding for x in leaves]
+    out["h2d_batched_s"] = _median_s(lambda: jax.block_until_ready(jax.device_put(host, devices)))
+    as_bits = [h.view(np.uint16) if h.dtype.itemsize == 2 else h for h in host]
+    out["h2d_batched_bf16_as_uint16_s"] = _median_s(
+        lambda: jax.block_until_ready(jax.device_put(as_bits, devices))
+    )
+    from concurrent.futures import ThreadPoolExecutor
+
+    def h2d_threads(n: int) -> None:
+        chunks = [list(range(i, len(host), n)) for i in range(n)]
+        with ThreadPoolExecutor(n) as pool:
+            placed = pool.map(
+                lambda idx: jax.device_put([host[i] for i in idx], [devices[i] for i in idx]),
+                chunks,
+            )
+            jax.block_until_ready(list(placed))
+
+    out["h2d_4_threads_s"] = _median_s(lambda: h2d_threads(4))
+    try:
+        pinned = jax.device_put(leaves, [s.with_memory_kind("pinned_host") for s in devices])
+        out["h2d_from_pinned_s"] = _median_s(
+            lambda: jax.block_until_ready(jax.device_put(pinned, devices))
+        )
+    except (ValueError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
+        out["h2d_from_pinned_s"] = f"{type(e).__name__}: {e}"
+    out["bytes"] = sum(h.nbytes for h in host)
+    return out
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def restore_split(workdir: Path, num_leaves: int = 2000, leaf_kib: int = 64) -> dict:
     """Host slicing + one batched device_put against one transfer then device-side slices."""
     n = leaf_kib * 1024 // 4
     buffer = np.random.default_rng(0).random(num_leaves * n, dtype=np.float32)
@@ -212,11 +292,23 @@ def restore_split(num_leaves: int = 2000, leaf_kib: int = 64) -> dict:
     }
 
 
+PARTS = {
+    "round_trips": round_trips,
+    "restore_split": restore_split,
+    "restore_phases": restore_phases,
+    "save_blocking": save_blocking,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the three parts; returns 1 if a round trip failed."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.device_check")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--skip-gpt2", action="store_true", help="skip part 2 (for a quick run)")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,21 +317,27 @@ def main(argv: list[str] | None = None) -> int:
         "devices": [str(d) for d in jax.local_devices()],
         "jax": jax.__version__,
     }
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         work = Path(tmp).resolve()
-        report["round_trips"] = round_trips(work)
-        for entry in report["round_trips"]:
-            print(("ok   " if entry["ok"] else "FAIL ") + entry["check"], flush=True)
-            if "error" in entry:
-                print(entry["error"], flush=True)
-        report["restore_split"] = restore_split()
-        print(json.dumps(report["restore_split"], indent=1), flush=True)
-        if not args.skip_gpt2:
-            report["save_blocking"] = save_blocking(work)
-            summary = {k: v for k, v in report["save_blocking"].items() if "samples" not in k}
-            print(json.dumps(summary, indent=1), flush=True)
+        for part in PARTS:
+            if part not in parts:
+                continue
+            t0 = time.perf_counter()
+            report[part] = PARTS[part](work)
+            print(f"--- {part} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            if part == "round_trips":
+                for entry in report[part]:
+                    print(("ok   " if entry["ok"] else "FAIL ") + entry["check"], flush=True)
+                    if "error" in entry:
+                        print(entry["error"], flush=True)
+            else:
+                summary = {k: v for k, v in report[part].items() if "samples" not in k}
+                print(json.dumps(summary, indent=1), flush=True)
     (out / "device_check.json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if all(e["ok"] for e in report["round_trips"]) else 1
+    return 0 if all(e["ok"] for e in report.get("round_trips", [])) else 1
 
 
 if __name__ == "__main__":

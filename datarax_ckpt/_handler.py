@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -54,6 +55,11 @@ def _finish_pending_saves_at_exit() -> None:
 
 
 getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves_at_exit)
+
+
+def _on_device(device: Any, fn: Any, *args: Any) -> Any:
+    with jax.default_device(device):
+        return fn(*args)
 
 
 def _no_checkpoint(path: epath.Path) -> CheckpointNotFoundError:
@@ -466,8 +472,10 @@ class OrbaxCheckpointHandler:
         _validate.flag("verify", verify)
         path = _validate.directory(directory)
         handle = self._enter(path)
+        # jax.default_device is per thread: the read runs on the directory's worker.
+        device = _snapshot.default_device()
         return handle.run(
-            self._read, handle, target, step, metadata_only, verify, fallback
+            _on_device, device, self._read, handle, target, step, metadata_only, verify, fallback
         ).result()
 
     def _read(

@@ -282,6 +282,15 @@ def aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
     return raw[start : start + size * dtype.itemsize].view(dtype)
 
 
+def default_device() -> jax.Device:
+    """Where leaves restored without a target go: ``jax.default_device`` if set, else the
+    first local device of the default backend."""
+    device = jax.config.jax_default_device
+    if isinstance(device, str):  # a platform name: jax.default_device("cpu")
+        return jax.local_devices(backend=device)[0]
+    return device if device is not None else jax.local_devices()[0]
+
+
 def nbytes(arrays: Mapping[str, Any]) -> int:
     """Total bytes held by captured arrays."""
     return sum(int(a.nbytes) for a in arrays.values())
@@ -297,7 +306,7 @@ def read_specs(
         function from the loaded arrays to a list of per-slot values.
     """
     table, packs = manifest["slots"], manifest["packs"]
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    default = jax.sharding.SingleDeviceSharding(default_device())
     storage: dict[str, StoredSpec] = {}
     for slot, req in requests.items():
         entry = table[slot]

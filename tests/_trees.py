@@ -30,3 +30,9 @@ def assert_identical(a, b, path="root"):
             assert_identical(getattr(a, field.name), getattr(b, field.name), f"{path}.{field.name}")
     else:
         assert a == b, path
+
+
+def cpu_mesh(shape, names):
+    """A mesh of the 4 CPU devices conftest creates, also where an accelerator is the default."""
+    devices = jax.devices("cpu")[: int(np.prod(shape))]
+    return jax.make_mesh(shape, names, devices=devices)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from _trees import assert_identical
+from _trees import assert_identical, cpu_mesh
 from flax import nnx
 
 from datarax_ckpt import (
@@ -254,7 +254,7 @@ def test_a_raw_orbax_folder_is_not_a_datarax_checkpoint(handler, tmp_path):
 def test_restore_into_pytree_target_keeps_structure_dtype_and_sharding(handler, tmp_path):
     state = {"opt": Pair(jnp.arange(8.0), None), "n": 3}
     handler.save(tmp_path, state, step=1)
-    mesh = jax.make_mesh((4,), ("x",))
+    mesh = cpu_mesh((4,), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
     target = {"opt": Pair(jax.device_put(jnp.zeros(8, jnp.bfloat16), sharding), None), "n": 0}
     restored = handler.restore(tmp_path, target)
@@ -265,7 +265,7 @@ def test_restore_into_pytree_target_keeps_structure_dtype_and_sharding(handler, 
 
 
 def test_sharded_arrays_round_trip(handler, tmp_path):
-    mesh = jax.make_mesh((2, 2), ("a", "b"))
+    mesh = cpu_mesh((2, 2), ("a", "b"))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b"))
     x = jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding)
     handler.save(tmp_path, {"x": x}, step=0)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import xxhash
 from _damage import DAMAGE, KIND, PACK_THRESHOLD, make_state
-from _trees import assert_identical
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from _trees import assert_identical, cpu_mesh
+from jax.sharding import NamedSharding, PartitionSpec
 
 from datarax_ckpt import (
     CheckpointCorruptedError,
@@ -276,7 +276,7 @@ def test_verify_of_a_missing_step_lists_the_steps(handler, two_steps):
 
 
 def test_verified_restore_keeps_target_sharding_and_dtype(handler, tmp_path):
-    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    mesh = cpu_mesh((4,), ("x",))
     sharding = NamedSharding(mesh, PartitionSpec("x"))
     w = jax.device_put(jnp.arange(4096, dtype=jnp.float32), sharding)
     handler.save(tmp_path, {"w": w, "v": jnp.arange(4096.0)}, step=1)

@@ -19,6 +19,7 @@ import _multiprocess_worker as worker
 import jax
 import numpy as np
 import pytest
+from _trees import cpu_mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -91,7 +92,7 @@ def saved(tmp_path_factory):
     directory = tmp_path_factory.mktemp("multiprocess") / "ckpts"
     directory.mkdir()
     e = worker.expected(11)
-    mesh = jax.make_mesh((4,), ("x",))
+    mesh = cpu_mesh((4,), ("x",))
     single = {
         "small": jax.numpy.asarray(e["w"][:4, :4]),  # packed
         "big": jax.device_put(np.tile(e["w"], (4, 2)), NamedSharding(mesh, P("x"))),

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _trees import assert_identical
+from _trees import assert_identical, cpu_mesh
 
 from datarax_ckpt import CheckpointOptions, OrbaxCheckpointHandler
 
@@ -26,11 +26,15 @@ def _state(seed=0):
 
 @pytest.mark.parametrize("verify", [True, False])
 def test_restored_cpu_arrays_use_the_read_buffer_without_a_copy(tmp_path, verify):
-    state = _state()
-    with OrbaxCheckpointHandler() as handler:
+    # On the CPU explicitly, also where an accelerator is the default backend: restores
+    # without a target land on jax.default_device.
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu), OrbaxCheckpointHandler() as handler:
+        state = _state()
         handler.save(tmp_path, state, step=1)
         restored = handler.restore(tmp_path, step=1, verify=verify)
     assert_identical(restored, state)
+    assert restored["big"].sharding.device_set == {cpu}
     # The stored-alone leaf is the buffer TensorStore read into: 64-byte aligned, which
     # is what lets XLA adopt it instead of copying it.
     assert np.asarray(restored["big"]).ctypes.data % 64 == 0
@@ -59,9 +63,9 @@ def test_restored_arrays_can_be_donated(tmp_path):
 
 def test_restore_onto_target_dtypes_and_shardings(tmp_path):
     state = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((8, 64)), jnp.float32)}
-    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    mesh = cpu_mesh((4,), ("x",))
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[2])
+    one = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[2])
     as_bf16 = {"w": jax.ShapeDtypeStruct((8, 64), jnp.bfloat16, sharding=sharded)}
     on_one = {"w": jax.ShapeDtypeStruct((8, 64), jnp.float32, sharding=one)}
     with OrbaxCheckpointHandler(options=CheckpointOptions(pack_threshold_bytes=0)) as handler:
@@ -84,3 +88,18 @@ def test_restore_onto_numpy_target(tmp_path):
         handler.save(tmp_path, state, step=1)
         restored = handler.restore(tmp_path, state, step=1)
     assert_identical(restored, state)
+
+
+def test_restore_without_target_lands_on_jax_default_device(tmp_path):
+    state = _state()
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path, state, step=1)
+        third = jax.devices("cpu")[2]
+        with jax.default_device(third):
+            restored = handler.restore(tmp_path, step=1)
+        with jax.default_device("cpu"):
+            by_platform = handler.restore(tmp_path, step=1)
+    assert_identical(restored, state)
+    for leaf in (restored["big"], restored["small"][0], restored["bf16"], restored["key"]):
+        assert leaf.sharding.device_set == {third}
+    assert by_platform["big"].sharding.device_set == {jax.devices("cpu")[0]}

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _trees import assert_identical
+from _trees import assert_identical, cpu_mesh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -123,7 +123,7 @@ def test_namedtuples_and_dataclasses_come_back_with_a_target():
 
 
 def test_target_gives_dtype_and_sharding():
-    mesh = jax.make_mesh((4,), ("x",))
+    mesh = cpu_mesh((4,), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
     tree = {"w": jnp.arange(8.0)}
     target = {"w": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=sharding)}
