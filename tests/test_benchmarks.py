@@ -65,6 +65,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def test_smoke_writes_valid_json_markdown_and_png(smoke: tuple[dict, Path]) -> None:
     results, out = smoke
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["complete"] is True  # a run cut short leaves "complete": false
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "ours/orbax" in md and "ours/floor" in md
@@ -366,3 +367,16 @@ def test_one_failing_system_does_not_stop_the_others(
     assert len(case["floors"]["disk_write_fsync"]["in_round_samples_s"]) == 2
     assert "orbax error: RuntimeError: injected failure" in (out / "results.md").read_text()
     assert not any(p.name.startswith("bench-work-") for p in out.iterdir())  # Cleaned up.
+
+
+def test_device_check_round_trips_and_restore_split_run(tmp_path: Path) -> None:
+    # The script a lent GPU session runs first: it must work before the lease starts.
+    from benchmarks import device_check
+
+    assert device_check.main(["--out", str(tmp_path), "--parts", "round_trips"]) == 0
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert len(report["round_trips"]) == 7 and all(r["ok"] for r in report["round_trips"])
+    split = device_check.restore_split(tmp_path, num_leaves=20, leaf_kib=4)
+    assert split["leaves"] == 20 and split["bytes"] == 20 * 4096
+    with pytest.raises(SystemExit):
+        device_check.main(["--out", str(tmp_path), "--parts", "no_such_part"])
