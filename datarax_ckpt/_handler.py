@@ -13,7 +13,6 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -23,16 +22,15 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _multihost,
+    _restoring,
     _snapshot,
     _structure,
     _validate,
     serialization,
 )
 from datarax_ckpt._errors import (
-    CheckpointCorruptedError,
     CheckpointError,
     CheckpointExistsError,
-    CheckpointNotFoundError,
     storage_error,
 )
 from datarax_ckpt._typing import PathLike, PyTree
@@ -55,24 +53,6 @@ def _finish_pending_saves_at_exit() -> None:
 
 
 getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves_at_exit)
-
-
-def _on_device(device: Any, fn: Any, *args: Any) -> Any:
-    with jax.default_device(device):
-        return fn(*args)
-
-
-def _no_checkpoint(path: epath.Path) -> CheckpointNotFoundError:
-    return CheckpointNotFoundError(
-        f"No checkpoint in {path}: no committed ckpt-<step>/ folder and no "
-        f"{_layout.UNVERSIONED}/ folder."
-    )
-
-
-def _missing_step(path: epath.Path, step: int, steps: list[int]) -> CheckpointNotFoundError:
-    return CheckpointNotFoundError(
-        f"No committed checkpoint for step {step} in {path}. Available steps: {steps or 'none'}."
-    )
 
 
 class OrbaxCheckpointHandler:
@@ -475,98 +455,16 @@ class OrbaxCheckpointHandler:
         # jax.default_device is per thread: the read runs on the directory's worker.
         device = _snapshot.default_device()
         return handle.run(
-            _on_device, device, self._read, handle, target, step, metadata_only, verify, fallback
+            _restoring.on_device,
+            device,
+            _restoring.read,
+            handle,
+            target,
+            step,
+            metadata_only,
+            verify,
+            fallback,
         ).result()
-
-    def _read(
-        self, handle: _directory.Directory, target, step, metadata_only, verify, fallback
-    ) -> Any:
-        path = handle.path
-        if not path.is_dir():
-            raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
-        handle.manager()  # first use: finish interrupted overwrites before listing
-        steps = _layout.committed_steps(path)
-        unversioned = path / _layout.UNVERSIONED
-        if step is None and not steps:
-            if not _layout.is_committed(unversioned):
-                raise _no_checkpoint(path)
-            return self._read_items(handle, unversioned, None, target, metadata_only, verify)
-        if step is not None and step not in steps:
-            raise _missing_step(path, step, steps)
-        failures: list[tuple[int, CheckpointCorruptedError]] = []
-        for candidate in [step] if step is not None else steps[::-1]:
-            try:
-                folder = path / _layout.step_name(candidate)
-                restored = self._read_items(
-                    handle, folder, candidate, target, metadata_only, verify
-                )
-            except CheckpointCorruptedError as e:
-                if step is not None or not fallback:
-                    e.add_note("Restore an older step with step=N, or step=None to fall back.")
-                    raise
-                logger.warning("Skipping step %d of %s:\n%s", candidate, path, e)
-                failures.append((candidate, e))
-                continue
-            if failures:
-                skipped = [s for s, _ in failures]
-                logger.warning("Restored step %d of %s instead of %s.", candidate, path, skipped)
-            return restored
-        raise CheckpointCorruptedError(
-            f"Every step in {path} is corrupt or incomplete ({steps}); nothing was restored.\n"
-            + "\n".join(str(e) for _, e in failures),
-            report=failures[0][1].report,
-        ) from failures[0][1]
-
-    def _read_items(self, handle, path, step, target, metadata_only, verify=False) -> Any:
-        ours = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
-        if not any((path / item).exists() for item in ours):
-            # None of our items: another tool's checkpoint, not a damaged one of ours.
-            serialization.check_manifest(None, str(path))
-        structure = _structure.inspect(path, arrays=not metadata_only)
-        if structure.problems:
-            raise _structure.corrupted(path, structure.problems)
-        if not verify:
-            structure.checksums = None
-        with _integrity.reading(structure):
-            return self._read_checked(handle, path, step, target, metadata_only, structure)
-
-    def _read_checked(self, handle, path, step, target, metadata_only, structure) -> Any:
-        if step is None:
-            checkpointer = ocp.Checkpointer(
-                ocp.CompositeCheckpointHandler(**handle.item_handlers())
-            )
-
-            def read(**items):
-                return checkpointer.restore(path, args=ocp.args.Composite(**items))
-        else:
-            manager = handle.manager()
-            manager.reload()
-
-            def read(**items):
-                return manager.restore(step, args=ocp.args.Composite(**items))
-
-        if not (path / _layout.ITEM_MANIFEST).exists():
-            serialization.check_manifest(None, str(path))
-        if metadata_only:
-            # The manifest (its size grows with the number of leaves, not their bytes) is
-            # read too, so that a newer format is refused here as well.
-            items = (_layout.ITEM_METADATA, _layout.ITEM_MANIFEST)
-            loaded = read(**{item: ocp.args.JsonRestore() for item in items})
-            serialization.check_manifest(loaded[_layout.ITEM_MANIFEST], str(path))
-            _integrity.check_json_item(structure, _layout.ITEM_METADATA, loaded[items[0]])
-            return loaded[_layout.ITEM_METADATA]
-        manifest = structure.manifest  # parsed by the structural check, which reads it
-        if manifest is None:
-            manifest = read(**{_layout.ITEM_MANIFEST: ocp.args.JsonRestore()})
-            manifest = manifest[_layout.ITEM_MANIFEST]
-        serialization.check_manifest(manifest, str(path))
-        _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
-        plan = serialization.plan_restore(manifest, target)
-        # Without checksums to check (none recorded, or verify off) this is a plain read.
-        loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
-        return plan.build(loaded)
-
-    # ------------------------------------------------------------------ verifying
 
     def verify(self, directory: PathLike, step: int | None = None) -> _structure.VerifyReport:
         """Re-reads a checkpoint (after pending saves) and checks everything it holds.
@@ -601,22 +499,7 @@ class OrbaxCheckpointHandler:
         step = _validate.step(step)
         path = _validate.directory(directory)
         handle = self._enter(path)
-        return handle.run(self._verify, handle, step).result()
-
-    def _verify(self, handle: _directory.Directory, step: int | None) -> _structure.VerifyReport:
-        path = handle.path
-        if not path.is_dir():
-            raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
-        steps = _layout.committed_steps(path)
-        if step is None and not steps:
-            folder = path / _layout.UNVERSIONED  # verify reports it even if uncommitted
-            if not folder.exists():
-                raise _no_checkpoint(path)
-        elif step is None or step in steps:
-            folder = path / _layout.step_name(steps[-1] if step is None else step)
-        else:
-            raise _missing_step(path, step, steps)
-        return _integrity.verify(folder, item_handlers=handle.item_handlers())
+        return handle.run(_restoring.verify, handle, step).result()
 
     # ------------------------------------------------------------------ listing
 
