@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 
 from datarax_ckpt import _hostcopy, _multihost
 
@@ -133,7 +134,9 @@ def capture(
     sizes: list[int] = []  # elements per slot
     for i, slot in enumerate(slots):
         value = slot.value
-        dtype, dtype_name = _dtype_and_name(value.dtype)
+        dtype, dtype_name, storable = _dtype_and_name(value.dtype)
+        if not storable:
+            raise _unstorable(slot.path, dtype_name)
         shape = value.shape
         table.append({"dtype": dtype_name, "shape": list(shape)})
         sizes.append(math.prod(shape))
@@ -259,9 +262,30 @@ def capture(
 # Per-leaf work is what a 2000-leaf state pays for: dtype names and sharding checks are
 # cached (numpy computes dtype.name anew each time, ~5 us).
 @functools.lru_cache(maxsize=256)
-def _dtype_and_name(dtype: Any) -> tuple[np.dtype, str]:
+def _dtype_and_name(dtype: Any) -> tuple[np.dtype, str, bool]:
+    """The dtype, its name, and whether TensorStore (Orbax's storage) can hold it."""
     dtype = jnp.dtype(dtype)
-    return dtype, dtype.name
+    try:
+        ts.dtype(dtype.name)
+    except ValueError:
+        return dtype, dtype.name, False
+    return dtype, dtype.name, True
+
+
+def _unstorable(path: str, dtype_name: str) -> TypeError:
+    dtype = jnp.dtype(dtype_name)
+    if jnp.issubdtype(dtype, jnp.unsignedinteger):
+        wider = "uint8"
+    elif jnp.issubdtype(dtype, jnp.signedinteger):
+        wider = "int8"
+    else:
+        wider = "float32"
+    return TypeError(
+        f"Leaf {path or '<root>'} has dtype {dtype_name}, which TensorStore (the storage "
+        f"under Orbax) cannot store. Convert it before saving, e.g. x.astype(jnp.{wider}) "
+        f"(exact for every {dtype_name} value), and back with .astype(jnp.{dtype_name}) "
+        "after restoring."
+    )
 
 
 @functools.lru_cache(maxsize=256)
