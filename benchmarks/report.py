@@ -79,7 +79,8 @@ def _env_lines(results: dict[str, Any]) -> list[str]:
         f"{env['ram_total_bytes'] / 2**30:.1f} GiB RAM, {env['os']}",
         f"- Backend: {env['backend']} ({env['device_count']} × {env['device_kind']}); "
         f"checkpoints on {fs['fstype']} ({fs['mount_point']})",
-        f"- Software: {sw}; repository at git {env.get('git_commit') or 'unknown'}",
+        f"- Software: {sw}; repository at git {env.get('git_commit') or 'unknown'} "
+        f"(library digest {env.get('library_digest') or 'unknown'})",
         f"- Command: `{results['command']}` ({results['elapsed_s']:.0f} s in all)",
         "- Load average (1/5/15 min) at start: "
         + "/".join(f"{x:.2f}" for x in env["load_average_at_start"])

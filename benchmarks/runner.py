@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -121,6 +122,20 @@ def _git_commit() -> str | None:
     return f"{head}-dirty" if _git("status", "--porcelain", "--", "datarax_ckpt") else head
 
 
+def library_digest() -> str:
+    """SHA-256 (first 12 hex digits) of the library's ``.py`` files, in path order.
+
+    Names the code that ran even where ``.git`` is stale or absent (a copied tree).
+    """
+    import datarax_ckpt
+
+    root = Path(datarax_ckpt.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment(out_dir: Path) -> dict[str, Any]:
     """Describes the machine and software, without the hostname."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
@@ -142,6 +157,7 @@ def environment(out_dir: Path) -> dict[str, Any]:
         "filesystem": _mount_of(out_dir),
         "load_average_at_start": list(os.getloadavg()),
         "git_commit": _git_commit(),
+        "library_digest": library_digest(),
         "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 

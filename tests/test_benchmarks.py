@@ -79,6 +79,9 @@ def test_smoke_reports_the_environment(smoke: tuple[dict, Path]) -> None:
     assert env["backend"] == jax.default_backend()
     assert env["cpu_count"] >= 1 and env["ram_total_bytes"] > 0
     assert env["filesystem"]["fstype"] != "unknown"
+    # Names the library code that ran, also where .git was copied stale (a lent machine).
+    assert re.fullmatch(r"[0-9a-f]{12}", env["library_digest"])
+    assert f"library digest {env['library_digest']}" in (smoke[1] / "results.md").read_text()
 
 
 def test_smoke_has_every_metric_for_every_system(smoke: tuple[dict, Path]) -> None:
