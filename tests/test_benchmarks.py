@@ -383,3 +383,15 @@ def test_device_check_round_trips_and_restore_split_run(tmp_path: Path) -> None:
     assert split["leaves"] == 20 and split["bytes"] == 20 * 4096
     with pytest.raises(SystemExit):
         device_check.main(["--out", str(tmp_path), "--parts", "no_such_part"])
+
+
+def test_pack_threshold_sweep_reports_every_threshold(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import pack_threshold
+
+    argv = ["--repeats", "1", "--thresholds-kib", "0,64", "--cases", "many-50x16KiB"]
+    result = pack_threshold.main(argv)
+    medians = result["medians"]["many-50x16KiB"]
+    assert sorted(medians) == [0, 64]
+    for m in medians.values():
+        assert 0 < m["save_blocking_s"] <= m["durable_s"] and m["restore_s"] > 0
+    assert "| many-50x16KiB | off |" in capsys.readouterr().out
