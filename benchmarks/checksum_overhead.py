@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -21,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.measure import handler_round_trip
 from datarax_ckpt import OrbaxCheckpointHandler, _integrity
 
 
@@ -49,26 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
             order = list(handlers) if i % 2 == 0 else list(handlers)[::-1]
             for name in order:
                 handler, directory = handlers[name], f"{root}/{name.replace(' ', '-')}"
-                os.sync()  # the previous write's dirty pages must not slow this sample down
-                start = time.perf_counter()
-                handler.save(directory, state, step=i, keep=1)
-                blocking = time.perf_counter() - start
-                handler.wait_until_finished()
-                committed = time.perf_counter() - start
-                os.sync()
-                start = time.perf_counter()
-                restored = handler.restore(directory, step=i)
-                jax.block_until_ready(restored)
-                restore = time.perf_counter() - start
-                del restored
+                sample = handler_round_trip(handler, directory, state, i)
                 if i == 0:
                     continue
-                runs = samples.setdefault(
-                    name, {"save_blocking_s": [], "save_to_commit_s": [], "restore_s": []}
-                )
-                runs["save_blocking_s"].append(blocking)
-                runs["save_to_commit_s"].append(committed)
-                runs["restore_s"].append(restore)
+                runs = samples.setdefault(name, {})
+                for metric, value in sample.items():
+                    runs.setdefault(metric, []).append(value)
     finally:
         for handler in handlers.values():
             handler.close()
@@ -101,11 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|")
     for name, m in medians.items():
         print(
-            f"| {name} | {m['save_blocking_s'] * 1e3:.1f} ms | {m['save_to_commit_s']:.2f} s "
+            f"| {name} | {m['save_blocking_s'] * 1e3:.1f} ms | {m['durable_s']:.2f} s "
             f"| {m['restore_s']:.2f} s |"
         )
     on, off = medians["checksums"], medians["no checksums"]
-    for metric in ("save_blocking_s", "save_to_commit_s", "restore_s"):
+    for metric in ("save_blocking_s", "durable_s", "restore_s"):
         print(f"{metric}: {100 * (on[metric] / off[metric] - 1):+.1f}% with checksums")
     print(
         f"hashing {nbytes / 2**30:.2f} GiB on the background thread: {on['hash_on_worker_s']:.3f} s"

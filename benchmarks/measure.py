@@ -97,6 +97,40 @@ class RssSampler:
         self.peak = max(self.peak, self.end)
 
 
+def handler_round_trip(
+    handler: Any, directory: str, tree: Any, step: int, target: Any = None
+) -> dict:
+    """One save of ``tree`` by a datarax_ckpt handler, waited on, then one restore.
+
+    ``os.sync()`` runs before the save and before the restore, so the kernel's writeback of
+    earlier work lands in neither sample.
+
+    Args:
+        handler: An ``OrbaxCheckpointHandler``.
+        directory: Where to save (``keep=1``).
+        tree: The state.
+        step: The step to save.
+        target: The restore target (None: the saved tree's own types).
+
+    Returns:
+        ``save_blocking_s``, ``durable_s`` (save to committed) and ``restore_s`` (blocked on).
+    """
+    os.sync()
+    start = time.perf_counter()
+    handler.save(directory, tree, step=step, keep=1)
+    blocking = time.perf_counter() - start
+    handler.wait_until_finished()
+    durable = time.perf_counter() - start
+    os.sync()
+    start = time.perf_counter()
+    jax.block_until_ready(handler.restore(directory, target, step=step))
+    return {
+        "save_blocking_s": blocking,
+        "durable_s": durable,
+        "restore_s": time.perf_counter() - start,
+    }
+
+
 def disk_usage(path: Path) -> int:
     """Bytes allocated on disk under ``path``, as ``du`` counts them (hard links once)."""
     seen: set[tuple[int, int]] = set()

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
-import time
 
 import jax
 
 from benchmarks.config import CaseConfig
+from benchmarks.measure import handler_round_trip
 from benchmarks.states import build_state
 from datarax_ckpt import OrbaxCheckpointHandler
 
@@ -33,23 +32,6 @@ CASES = {
 }
 DEFAULT_CASES = ("gpt2-small", "many-2000x64KiB")
 THRESHOLDS_KIB = (0, 64, 256, 1024, 4096, 16384, 65536)
-
-
-def _sample(handler: OrbaxCheckpointHandler, directory: str, tree, step: int) -> dict[str, float]:
-    os.sync()  # the previous sample's writeback must not land in this one
-    start = time.perf_counter()
-    handler.save(directory, tree, step=step, keep=1)
-    blocking = time.perf_counter() - start
-    handler.wait_until_finished()
-    durable = time.perf_counter() - start
-    os.sync()
-    start = time.perf_counter()
-    jax.block_until_ready(handler.restore(directory, tree, step=step))
-    return {
-        "save_blocking_s": blocking,
-        "durable_s": durable,
-        "restore_s": time.perf_counter() - start,
-    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,7 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
                 for r in range(args.repeats + 1):  # round 0 warms up and is dropped
                     order = thresholds[r % len(thresholds) :] + thresholds[: r % len(thresholds)]
                     for t in order:
-                        sample = _sample(handlers[t], f"{root}/{case_name}-{t}", state.tree, r)
+                        directory = f"{root}/{case_name}-{t}"
+                        sample = handler_round_trip(
+                            handlers[t], directory, state.tree, r, state.tree
+                        )
                         if r:
                             for metric, value in sample.items():
                                 runs.setdefault(t, {}).setdefault(metric, []).append(value)
