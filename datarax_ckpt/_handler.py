@@ -454,17 +454,10 @@ class OrbaxCheckpointHandler:
         handle = self._enter(path)
         # jax.default_device is per thread: the read runs on the directory's worker.
         device = _snapshot.default_device()
-        return handle.run(
-            _restoring.on_device,
-            device,
-            _restoring.read,
-            handle,
-            target,
-            step,
-            metadata_only,
-            verify,
-            fallback,
-        ).result()
+        read = functools.partial(
+            _restoring.read, handle, target, step, metadata_only, verify, fallback
+        )
+        return handle.run(_restoring.on_device, device, read).result()
 
     def verify(self, directory: PathLike, step: int | None = None) -> _structure.VerifyReport:
         """Re-reads a checkpoint (after pending saves) and checks everything it holds.
