@@ -339,12 +339,23 @@ def load_verified(
         whole = spec.lib != "jax" or spec.sharding is None or spec.sharding.is_fully_addressable
         if record is not None and ALGORITHM in record and whole and key in stored:
             verified.append(key)
-    loaded = _reading.read(
-        read, storage, stored={k: stored[k] for k in verified}, checked=frozenset(verified)
-    )
-    compared = _map_threads(
-        lambda k: _compare(k, loaded[k], records.get(k), structure), [(k,) for k in verified]
-    )
+    checked = frozenset(verified)
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datarax-ckpt-hash") as pool:
+        # Each array is hashed as soon as its read completes, beside the others' reads.
+        early: dict[str, concurrent.futures.Future] = {}
+
+        def hash_when_read(key: str, value: np.ndarray) -> None:
+            if key in checked and key not in early:
+                early[key] = pool.submit(_compare, key, value, records.get(key), structure)
+
+        with _reading.on_read(hash_when_read):
+            loaded = _reading.read(
+                read, storage, stored={k: stored[k] for k in verified}, checked=checked
+            )
+        late = [k for k in verified if k not in early]
+        compared = [early[k].result() for k in verified if k in early] + list(
+            pool.map(lambda k: _compare(k, loaded[k], records.get(k), structure), late)
+        )
     problems = [p for p in compared if p]
     if problems:
         raise corrupted(structure.path, problems)

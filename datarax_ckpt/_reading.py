@@ -14,9 +14,11 @@ Arrays on several devices keep Orbax's ``ArrayHandler`` path (per-shard reads).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -66,8 +68,37 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
         outs = [
             aligned_empty(math.prod(t.shape), t.dtype.numpy_dtype).reshape(t.shape) for t in stores
         ]
-        await asyncio.gather(*(ts.array(out).write(t) for out, t in zip(outs, stores, strict=True)))
+        callback = _on_read.get()
+
+        async def fill(name: str, out: np.ndarray, store: Any) -> None:
+            await ts.array(out).write(store)
+            if callback is not None:
+                callback(name, out)
+
+        await asyncio.gather(
+            *(fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True))
+        )
         return outs
+
+
+# Called with (stored key, array) as each array read by _AlignedNumpyHandler is complete.
+_on_read: contextvars.ContextVar[Callable[[str, np.ndarray], None] | None] = contextvars.ContextVar(
+    "datarax_ckpt_on_read", default=None
+)
+
+
+@contextlib.contextmanager
+def on_read(callback: Callable[[str, np.ndarray], None]) -> Iterator[None]:
+    """Calls ``callback(key, array)`` as each host read of :func:`read` completes.
+
+    The callback runs on Orbax's event loop: it must only hand the work elsewhere. Where
+    Orbax runs its reads in another context (another thread), it is not called at all.
+    """
+    token = _on_read.set(callback)
+    try:
+        yield
+    finally:
+        _on_read.reset(token)
 
 
 @functools.cache
