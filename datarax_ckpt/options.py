@@ -45,9 +45,9 @@ class CheckpointOptions:
             ``verify()`` and ``restore()`` detect silent corruption (see ``docs/trust.md``
             for its measured cost).
         verify_on_restore: Check the recorded checksums of everything ``restore()`` reads
-            before returning it (default True; measured: +27% on a 1 GiB restore on the
-            2-core CI machine, see ``docs/trust.md``). ``restore(verify=...)`` overrides it
-            per call.
+            before returning it (default True; measured: -2% to +11% on a 1 GiB restore
+            on the 2-core CI machine, see ``docs/trust.md``). ``restore(verify=...)``
+            overrides it per call.
 
     Raises:
         ValueError: if a value is out of range.
