@@ -4,19 +4,23 @@ A session lent a GPU or TPU runs this once, beside the benchmark suite (``gpu.to
 
     python -m benchmarks.device_check --out DIR
 
-It writes ``DIR/device_check.json`` and prints a summary. Three parts:
+It writes ``DIR/device_check.json`` and prints a summary. Four parts (``--parts`` picks
+some), run in this order:
 
-1. **Round trips on the device**: a mixed state (packed and unpacked leaves, bf16, bool,
-   int8, 0-d, zero-size, a typed PRNG key, str, bytes, None, tuples) saved with every
-   ``snapshot`` mode and with packing on and off, restored onto the device and compared bit
-   for bit; also a save followed at once by a donating update of the saved arrays.
-2. **Where ``save()`` blocks** for the GPT-2-small training state: the pinned
-   device-to-host copy of every leaf (the floor the issue compares against), the fused
-   on-device packing alone, and ``save()``'s blocking time.
-3. **Restoring packed leaves** (2000 x 64 KiB float32): host slicing then one batched
-   ``device_put`` (what the handler does) against one transfer of the packed buffer then
-   eager slicing on the device. (A jitted split is not a candidate: XLA takes 22-29 s to
-   compile a 2000-output split on the 2-core CI machine, paid again by every new process.)
+1. ``round_trips``: a mixed state (packed and unpacked leaves, bf16, bool, int8, 0-d,
+   zero-size, a typed PRNG key, str, bytes, None, tuples) saved with every ``snapshot``
+   mode and with packing on and off, restored onto the device and compared bit for bit;
+   also a save followed at once by a donating update of the saved arrays.
+2. ``restore_split``: restoring packed leaves (2000 x 64 KiB float32) by host slicing then
+   one batched ``device_put`` (what the handler does), against one transfer of the packed
+   buffer then eager slicing on the device. (A jitted split is not a candidate: XLA takes
+   22-29 s to compile a 2000-output split on the 2-core CI machine, paid again by every new
+   process.)
+3. ``restore_phases``: where a restore of the GPT-2-small training state spends its time
+   (read, hashing, placing), and host-to-device copies from pageable and pinned memory.
+4. ``save_blocking``: where ``save()`` blocks for that state: the pinned device-to-host
+   copy of every leaf (the floor the issue compares against), the fused on-device packing
+   alone, and ``save()``'s blocking time, first and steady.
 
 On CPU it runs too (the device-only timings are then host copies), which is how it is tested.
 """
@@ -225,7 +229,8 @@ def restore_phases(workdir: Path) -> dict:
         out["restore_to_numpy_s"] = _median_s(
             lambda: handler.restore(directory, host_target, verify=False), 3
         )
-        for module, name in ((reading, "read"), (reading, "place"), (integrity, "_map_threads")):
+        # read includes the hashing that overlaps it; _compare sums both hashing threads.
+        for module, name in ((reading, "read"), (reading, "place"), (integrity, "_compare")):
             timed(module, name)
         t0 = time.perf_counter()
         jax.block_until_ready(handler.restore(directory, state.tree))
