@@ -341,22 +341,22 @@ def load_verified(
             verified.append(key)
     checked = frozenset(verified)
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datarax-ckpt-hash") as pool:
-        # Each array is hashed as soon as its read completes, beside the others' reads.
-        early: dict[str, concurrent.futures.Future] = {}
+        # Each array is hashed as soon as its read completes, beside the others' reads;
+        # arrays the aligned reader did not report are hashed once everything is read.
+        hashing: dict[str, concurrent.futures.Future] = {}
 
         def hash_when_read(key: str, value: np.ndarray) -> None:
-            if key in checked and key not in early:
-                early[key] = pool.submit(_compare, key, value, records.get(key), structure)
+            if key in checked:
+                hashing[key] = pool.submit(_compare, key, value, records.get(key), structure)
 
         with _reading.on_read(hash_when_read):
             loaded = _reading.read(
                 read, storage, stored={k: stored[k] for k in verified}, checked=checked
             )
-        late = [k for k in verified if k not in early]
-        compared = [early[k].result() for k in verified if k in early] + list(
-            pool.map(lambda k: _compare(k, loaded[k], records.get(k), structure), late)
-        )
-    problems = [p for p in compared if p]
+        for key in verified:
+            if key not in hashing:
+                hashing[key] = pool.submit(_compare, key, loaded[key], records.get(key), structure)
+        problems = [p for p in (hashing[k].result() for k in verified) if p]
     if problems:
         raise corrupted(structure.path, problems)
     return _reading.place(loaded, storage)

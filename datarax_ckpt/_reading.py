@@ -35,6 +35,26 @@ except ImportError:  # pragma: no cover - a future Orbax layout: plain reads, th
     _ts_utils = None
 
 
+# Called with (stored key, array) as each array read by _AlignedNumpyHandler is complete.
+_on_read: contextvars.ContextVar[Callable[[str, np.ndarray], None] | None] = contextvars.ContextVar(
+    "datarax_ckpt_on_read", default=None
+)
+
+
+@contextlib.contextmanager
+def on_read(callback: Callable[[str, np.ndarray], None]) -> Iterator[None]:
+    """Calls ``callback(key, array)`` as each host read of :func:`read` completes.
+
+    The callback runs on Orbax's event loop: it must only hand the work elsewhere. Where
+    Orbax runs its reads in another context (another thread), it is not called at all.
+    """
+    token = _on_read.set(callback)
+    try:
+        yield
+    finally:
+        _on_read.reset(token)
+
+
 class AlignedHostArray:
     """Restore type: read a stored array as numpy, into 64-byte-aligned memory."""
 
@@ -79,26 +99,6 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
             *(fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True))
         )
         return outs
-
-
-# Called with (stored key, array) as each array read by _AlignedNumpyHandler is complete.
-_on_read: contextvars.ContextVar[Callable[[str, np.ndarray], None] | None] = contextvars.ContextVar(
-    "datarax_ckpt_on_read", default=None
-)
-
-
-@contextlib.contextmanager
-def on_read(callback: Callable[[str, np.ndarray], None]) -> Iterator[None]:
-    """Calls ``callback(key, array)`` as each host read of :func:`read` completes.
-
-    The callback runs on Orbax's event loop: it must only hand the work elsewhere. Where
-    Orbax runs its reads in another context (another thread), it is not called at all.
-    """
-    token = _on_read.set(callback)
-    try:
-        yield
-    finally:
-        _on_read.reset(token)
 
 
 @functools.cache

@@ -136,7 +136,7 @@ def capture(
         value = slot.value
         dtype, dtype_name, storable = _dtype_and_name(value.dtype)
         if not storable:
-            raise _unstorable(slot.path, dtype_name)
+            raise _unstorable(slot.path, dtype)
         shape = value.shape
         table.append({"dtype": dtype_name, "shape": list(shape)})
         sizes.append(math.prod(shape))
@@ -272,8 +272,7 @@ def _dtype_and_name(dtype: Any) -> tuple[np.dtype, str, bool]:
     return dtype, dtype.name, True
 
 
-def _unstorable(path: str, dtype_name: str) -> TypeError:
-    dtype = jnp.dtype(dtype_name)
+def _unstorable(path: str, dtype: np.dtype) -> TypeError:
     if jnp.issubdtype(dtype, jnp.unsignedinteger):
         wider = "uint8"
     elif jnp.issubdtype(dtype, jnp.signedinteger):
@@ -281,9 +280,9 @@ def _unstorable(path: str, dtype_name: str) -> TypeError:
     else:
         wider = "float32"
     return TypeError(
-        f"Leaf {path or '<root>'} has dtype {dtype_name}, which TensorStore (the storage "
+        f"Leaf {path or '<root>'} has dtype {dtype.name}, which TensorStore (the storage "
         f"under Orbax) cannot store. Convert it before saving, e.g. x.astype(jnp.{wider}) "
-        f"(exact for every {dtype_name} value), and back with .astype(jnp.{dtype_name}) "
+        f"(exact for every {dtype.name} value), and back with .astype(jnp.{dtype.name}) "
         "after restoring."
     )
 
