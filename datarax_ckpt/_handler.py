@@ -351,6 +351,7 @@ class OrbaxCheckpointHandler:
         primary = _multihost.is_primary()
         if primary:
             handle.path.mkdir(parents=True, exist_ok=True)
+            _layout.clear_impostors(handle.path)  # before Orbax renames into the trash
         args = {
             _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
             _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
