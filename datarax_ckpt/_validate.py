@@ -172,18 +172,19 @@ def save_directory(value: Any) -> epath.Path:
             "folder. Pass a path whose existing part is a directory."
         )
     name_max = _pathconf(existing, "PC_NAME_MAX", 255)
-    long_names = [p for p in path.parts if len(os.fsencode(p)) > name_max]
-    if long_names:
+    for name in path.parts:
+        if len(os.fsencode(name)) > name_max:
+            raise CheckpointPathError(
+                f"A folder name in the checkpoint directory, {name[:20] + '...'!r}, is "
+                f"{len(os.fsencode(name))} bytes long; this file system allows at most "
+                f"{name_max}. Use a shorter name."
+            )
+    size, path_max = len(os.fsencode(text)), _pathconf(existing, "PC_PATH_MAX", 4096)
+    if size + _ROOM_BELOW > path_max:
         raise CheckpointPathError(
-            f"Checkpoint directory {path} has a name longer than this file system's "
-            f"limit of {name_max} bytes ({long_names[0][:40]}...). Use a shorter name."
-        )
-    path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
-    if len(os.fsencode(text)) + _ROOM_BELOW > path_max:
-        raise CheckpointPathError(
-            f"Checkpoint directory {text[:60]}... is {len(os.fsencode(text))} bytes long; "
-            f"the checkpoint files below it need it to be at most {path_max - _ROOM_BELOW} "
-            f"(the file system's limit is {path_max}). Use a shorter path."
+            f"The checkpoint directory's path is {size} bytes long ({text[:30] + '...'!r}); "
+            f"the files below it need it to be at most {path_max - _ROOM_BELOW} bytes (this "
+            f"file system allows {path_max}). Use a shorter path."
         )
     return path
 

@@ -251,7 +251,11 @@ def test_a_backup_replaced_by_a_link_is_not_put_back(saved):
         ("d/a\0b", CheckpointPathError, "contains a NUL byte"),
         ("file/sub", CheckpointNotADirectoryError, "file is a file, not a folder"),
         ("file", CheckpointNotADirectoryError, "is a file. Pass a directory path"),
-        ("d/" + "x" * 300, CheckpointPathError, "longer than this file system's limit"),
+        (
+            "d/" + "x" * 300,
+            CheckpointPathError,
+            "is 300 bytes long; this file system allows at most",
+        ),
         ("d/" + "/".join(["y" * 200] * 20), CheckpointPathError, "Use a shorter path"),
         ("d/caf\udce9", CheckpointPathError, "is not valid UTF-8"),
     ],
