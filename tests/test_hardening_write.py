@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from orbax.checkpoint._src.path import async_path
 
+import datarax_ckpt
 from datarax_ckpt import (
     BackgroundSaveError,
     CheckpointError,
@@ -376,3 +377,18 @@ def test_a_state_that_contains_itself_is_refused_not_a_recursion_error(tmp_path)
     with OrbaxCheckpointHandler() as handler:
         with pytest.raises(NestingTooDeepError, match=r"at \['self'\]\['self'\]"):
             handler.save(tmp_path, state, step=1)
+
+
+# --------------------------------------------------------------------------- hierarchy
+
+
+def test_every_public_error_is_a_checkpoint_error_and_a_builtin():
+    errors = [getattr(datarax_ckpt, n) for n in datarax_ckpt.__all__ if n.endswith("Error")]
+    assert len(errors) >= 11
+    for cls in errors:
+        assert issubclass(cls, CheckpointError), cls
+        builtin = [b for b in cls.__mro__ if b.__module__ == "builtins"]
+        assert builtin[0] not in (Exception, BaseException) or cls is CheckpointError, cls
+    assert issubclass(datarax_ckpt.DeviceMemoryError, MemoryError)
+    assert issubclass(CheckpointNotADirectoryError, NotADirectoryError)
+    assert issubclass(BackgroundSaveError, ExceptionGroup)
