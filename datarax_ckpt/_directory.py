@@ -12,7 +12,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _integrity, _layout, _multihost, _reading, _snapshot
+from datarax_ckpt import _integrity, _layout, _multihost, _reading, _s3, _snapshot
 from datarax_ckpt.options import CheckpointOptions
 
 
@@ -84,6 +84,12 @@ class Directory:
         self.pool = _snapshot.ArenaPool(max_free=options.max_pending_saves)
         self._manager: ocp.CheckpointManager | None = None
         self.coordinator = _multihost.Coordinator(str(path))
+        if _s3.is_s3(path):
+            _s3.install()
+
+    def atomicity(self) -> dict[str, Any]:
+        """Keyword arguments giving an Orbax checkpointer this directory's commit protocol."""
+        return {"atomicity_options": _s3.atomicity_options()} if _s3.is_s3(self.path) else {}
 
     def item_handlers(self) -> dict[str, Any]:
         return {
@@ -101,6 +107,7 @@ class Directory:
             if _multihost.is_primary():
                 _layout.recover(self.path)
             self.coordinator.barrier("recovered")  # the others wait for process 0's repairs
+            s3 = _s3.is_s3(self.path)
             self._manager = ocp.CheckpointManager(
                 self.path,
                 options=ocp.CheckpointManagerOptions(
@@ -109,7 +116,9 @@ class Directory:
                     create=False,
                     cleanup_tmp_directories=self.options.cleanup_tmp_directories,
                     enable_async_checkpointing=True,
-                    todelete_subdir=_layout.TRASH,  # atomic removal, see _layout.TRASH
+                    # Atomic removal (see _layout.TRASH); object stores cannot rename.
+                    todelete_subdir=None if s3 else _layout.TRASH,
+                    atomicity_options=_s3.atomicity_options() if s3 else None,
                     # Create the step's tmp folder on this worker thread, before any write
                     # is scheduled: created asynchronously, a failure (read-only or full
                     # disk) orphans Orbax threads that wait 300 s for it and block exit.
@@ -120,6 +129,8 @@ class Directory:
             # Orbax removes stale temporary folders in the background; finish that now so
             # it cannot race the unversioned checkpoint, which is written beside the steps.
             getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+            if s3:
+                _s3.configure_manager(self._manager, self.path)
         return self._manager
 
     def run(self, fn, *args) -> concurrent.futures.Future:

@@ -23,6 +23,7 @@ from datarax_ckpt import (
     _layout,
     _multihost,
     _restoring,
+    _s3,
     _snapshot,
     _structure,
     _validate,
@@ -378,7 +379,8 @@ class OrbaxCheckpointHandler:
         try:
             if step is None:
                 checkpointer = ocp.Checkpointer(
-                    ocp.CompositeCheckpointHandler(**handle.item_handlers())
+                    ocp.CompositeCheckpointHandler(**handle.item_handlers()),
+                    **handle.atomicity(),
                 )
                 try:
                     checkpointer.save(path, args=args)
@@ -399,7 +401,7 @@ class OrbaxCheckpointHandler:
                 manager.reload()
             raise
         if backup is not None and primary:
-            backup.rmtree()
+            _s3.delete_step(backup) if _s3.is_s3(backup) else backup.rmtree()
         if primary:
             _layout.empty_trash(handle.path)
         handle.coordinator.barrier("committed")  # listing on any process now sees it
@@ -539,7 +541,7 @@ class OrbaxCheckpointHandler:
             raise RuntimeError("This OrbaxCheckpointHandler is closed; create a new one.")
 
     def _handle_for(self, path: epath.Path) -> _directory.Directory:
-        key = str(path.resolve()) if not str(path).startswith("gs://") else str(path)
+        key = str(path) if "://" in str(path) else str(path.resolve())
         handle = self._directories.get(key)
         if handle is None:
             handle = self._directories[key] = _directory.Directory(path, self.options)

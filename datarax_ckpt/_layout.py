@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import orbax.checkpoint as ocp
 from etils import epath
 
+from datarax_ckpt import _s3
 from datarax_ckpt._errors import CheckpointError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -39,6 +40,8 @@ def step_name(step: int | None) -> str:
 
 def is_committed(path: epath.Path) -> bool:
     """True when ``path`` is a finalized Orbax checkpoint folder."""
+    if _s3.is_s3(path):  # Orbax's commit-file protocol: the marker alone says so
+        return _s3.is_committed(path)
     return path.is_dir() and ocp.step.is_path_finalized(path)
 
 
@@ -128,6 +131,10 @@ def backup_path(path: epath.Path) -> epath.Path:
 def move_aside(path: epath.Path) -> epath.Path:
     """Renames a committed checkpoint to its backup name (atomic on local disks)."""
     backup = backup_path(path)
+    if _s3.is_s3(path):  # no rename on object stores: copy, marker last
+        _s3.delete_step(backup)
+        _s3.move_step(path, backup)
+        return backup
     clear_impostor(backup)
     if backup.exists():
         backup.rmtree()
@@ -137,6 +144,10 @@ def move_aside(path: epath.Path) -> epath.Path:
 
 def put_back(path: epath.Path, backup: epath.Path) -> None:
     """Undoes :func:`move_aside` after a failed overwrite."""
+    if _s3.is_s3(path):
+        _s3.delete_step(path)
+        _s3.move_step(backup, path)
+        return
     clear_impostor(path)
     if clear_impostor(backup):
         raise CheckpointError(
@@ -159,6 +170,9 @@ def remove_partial(directory: epath.Path, name: str) -> None:
 
 def discard(path: epath.Path) -> None:
     """Deletes a folder of ``path.parent`` after renaming it into :data:`TRASH` (atomic)."""
+    if _s3.is_s3(path):
+        _s3.delete_step(path)
+        return
     if clear_impostor(path):  # a link in place of a temporary folder: gone, nothing moved
         return
     trash = path.parent / TRASH
@@ -203,7 +217,7 @@ def recover(directory: epath.Path) -> None:
         original = directory / match.group(1)
         remove_partial(directory, original.name)
         if is_committed(original):
-            child.rmtree()
+            _s3.delete_step(child) if _s3.is_s3(child) else child.rmtree()
         else:
             logger.warning("Restoring %s from its backup after an interrupted overwrite.", original)
             put_back(original, child)

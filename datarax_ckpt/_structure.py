@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from datarax_ckpt import _layout
+from datarax_ckpt import _layout, _s3
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed step folder
@@ -419,8 +419,10 @@ def _inspect_state(structure: Structure) -> None:
                 )
 
 
-def _kvstore_url(path: epath.Path) -> str:
+def _kvstore_url(path: epath.Path) -> str | dict:
     text = str(path)
+    if _s3.is_s3(text):  # TensorStore does not read AWS_ENDPOINT_URL: a spec with it
+        return _s3.kvstore_url_spec(path)
     if "://" in text:
         return text.rstrip("/") + "/"
     return "file://" + str(epath.Path(text).resolve()) + "/"

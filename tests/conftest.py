@@ -5,3 +5,38 @@ import jax
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Four CPU devices so sharded arrays can be saved and restored without an accelerator.
 jax.config.update("jax_num_cpu_devices", 4)
+
+
+import itertools  # noqa: E402
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port, with the AWS environment pointing at it."""
+    import _s3server
+
+    server, env = _s3server.start()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def s3_dir(s3_server):
+    """``s3://<a new bucket>/run``: a checkpoint directory on the S3 server."""
+    import _s3server
+
+    bucket = f"bucket-{os.getpid()}-{next(_buckets)}"
+    _s3server.create_bucket(bucket)
+    return f"s3://{bucket}/run"

@@ -1,0 +1,198 @@
+"""S3-compatible object storage (AWS S3, MinIO, Cloudflare R2, CoreWeave): all S3-specific code.
+
+Orbax drives the steps on ``s3://`` as it does on ``gs://``, with three additions
+(see ``docs/storage.md``):
+
+* **Arrays** go through TensorStore's ``s3`` kvstore driver. Orbax builds TensorStore
+  specs only for local paths and ``gs://`` (``tensorstore_utils.build_kvstore_tspec``
+  raises "Checkpoint path should be absolute" for ``s3://``). :func:`install` wraps that
+  one function: an ``s3://`` directory is given to Orbax's own ``gs://`` builder (so the
+  OCDBT options, read coalescing and per-process layout stay Orbax's) and every ``gcs``
+  driver in the result becomes an ``s3`` driver with the endpoint and region below.
+  Every other path is passed through untouched.
+* **The commit protocol** is Orbax's own ``AtomicityMode.COMMIT_FILE`` (the one it uses
+  on GCS): a step is written in place under ``ckpt-<step>/`` and ``commit_success.txt``
+  is written last. Object stores have no atomic rename, so nothing is renamed.
+* **Retention** removes the commit marker first (:class:`MarkerFirstDeleter`), then
+  the rest of the step: a kill in between leaves an uncommitted step, never a listed
+  step with missing objects.
+
+Directories, JSON items and the commit marker go through ``etils.epath``, which uses
+``s3fs`` (fsspec) for ``s3://``. Both clients take credentials from the standard AWS
+chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+``AWS_PROFILE`` and ``~/.aws``, instance roles). The endpoint comes from
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (botocore reads them; TensorStore does
+not, so it is passed explicitly), the region from ``AWS_REGION`` or
+``AWS_DEFAULT_REGION``. No secret is ever logged or stored in a spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from datarax_ckpt._errors import CheckpointPathError
+
+logger = logging.getLogger("datarax_ckpt")
+
+SCHEME = "s3://"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's atomicity.COMMIT_SUCCESS_FILE
+_GCS_DRIVERS = ("gcs", "gcs_grpc")
+
+
+def is_s3(path: Any) -> bool:
+    """True for an ``s3://bucket/...`` path."""
+    return str(path).startswith(SCHEME)
+
+
+def split(path: Any) -> tuple[str, str]:
+    """``("bucket", "key/prefix")`` of an ``s3://`` path (no leading or trailing ``/``)."""
+    bucket, _, key = str(path)[len(SCHEME) :].partition("/")
+    return bucket, key.strip("/")
+
+
+def endpoint() -> str | None:
+    """The S3 endpoint URL from the environment (None: AWS's own endpoints)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
+def kvstore_spec(bucket: str, key: str) -> dict[str, Any]:
+    """TensorStore ``s3`` kvstore spec for ``s3://bucket/key`` with the configured endpoint.
+
+    Credentials are not in the spec: TensorStore reads the standard AWS chain itself.
+    """
+    spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key}
+    if (url := endpoint()) is not None:
+        spec["endpoint"] = url
+    if (name := region()) is not None:
+        spec["aws_region"] = name
+    return spec
+
+
+def kvstore_url_spec(path: epath.Path) -> dict[str, Any]:
+    """The kvstore spec of a folder (``path`` with a trailing ``/``), for direct opens."""
+    bucket, key = split(path)
+    return kvstore_spec(bucket, key + "/")
+
+
+def _to_s3(spec: Any) -> Any:
+    """``spec`` with every GCS kvstore driver replaced by the S3 driver (same bucket/key)."""
+    if isinstance(spec, list):
+        return [_to_s3(s) for s in spec]
+    if not isinstance(spec, dict):
+        return spec
+    if spec.get("driver") in _GCS_DRIVERS:
+        rest = {k: v for k, v in spec.items() if k not in ("driver", "bucket", "path")}
+        return {**kvstore_spec(spec["bucket"], spec.get("path", "")), **rest}
+    return {k: _to_s3(v) for k, v in spec.items()}
+
+
+@functools.cache
+def install() -> None:
+    """Teaches Orbax's TensorStore spec builder ``s3://`` (idempotent; other paths unchanged).
+
+    Called when a handler first opens an ``s3://`` directory; never at import.
+    """
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    original = ts_utils.build_kvstore_tspec
+
+    @functools.wraps(original)
+    def build_kvstore_tspec(directory, *args, **kwargs):
+        text = str(directory)
+        if not is_s3(text):
+            return original(directory, *args, **kwargs)
+        return _to_s3(original("gs://" + text[len(SCHEME) :], *args, **kwargs))
+
+    build_kvstore_tspec.datarax_s3 = True
+    if not getattr(original, "datarax_s3", False):
+        ts_utils.build_kvstore_tspec = build_kvstore_tspec
+
+
+def atomicity_options() -> ocp.options.AtomicityOptions:
+    """Orbax's commit-file protocol: write in place, ``commit_success.txt`` last."""
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+
+
+def is_committed(path: epath.Path) -> bool:
+    return (path / COMMIT_MARKER).exists()
+
+
+def delete_step(path: epath.Path) -> None:
+    """Removes a step: its commit marker first (it is no longer listed), then the rest."""
+    (path / COMMIT_MARKER).unlink(missing_ok=True)
+    path.rmtree(missing_ok=True)
+
+
+class MarkerFirstDeleter:
+    """Orbax ``CheckpointDeleter`` for ``s3://`` that deletes each step's marker first.
+
+    Orbax's own deleter removes a step with one recursive delete, in listing order: a
+    kill part-way could leave ``commit_success.txt`` beside missing objects, a step that
+    is listed but cannot be restored.
+    """
+
+    def __init__(self, directory: epath.Path, name_format: Any):
+        self._directory = directory
+        self._name_format = name_format
+
+    def delete(self, step: int) -> None:
+        if ocp.multihost.is_primary_host(0):
+            delete_step(self._directory / self._name_format.build_name(step))
+
+    def delete_steps(self, steps) -> None:
+        for step in steps:
+            self.delete(step)
+
+    def close(self) -> None:
+        pass
+
+
+def configure_manager(manager: ocp.CheckpointManager, directory: epath.Path) -> None:
+    """Makes retention of ``manager`` delete the commit marker first (see the class)."""
+    deleter = getattr(manager, "_checkpoint_deleter", None)
+    if deleter is None:  # a newer Orbax moved it: its deleter still works, less safely
+        logger.warning("Orbax's deleter not found; %s retention keeps Orbax's order.", directory)
+        return
+    deleter.close()
+    manager._checkpoint_deleter = MarkerFirstDeleter(directory, manager._step_name_format)
+
+
+def copy_step(src: epath.Path, dst: epath.Path) -> None:
+    """Server-side copy of a step folder, its commit marker last (object stores cannot
+    rename: a backup made this way is committed only once it is complete)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    source, target = str(src)[len(SCHEME) :].rstrip("/"), str(dst)[len(SCHEME) :].rstrip("/")
+    marker = f"{source}/{COMMIT_MARKER}"
+    files = [f for f in fs.find(source) if f != marker]
+    if files:
+        fs.copy(files, [target + f[len(source) :] for f in files])
+    if fs.exists(marker):
+        fs.copy(marker, f"{target}/{COMMIT_MARKER}")
+    fs.invalidate_cache()
+
+
+def move_step(src: epath.Path, dst: epath.Path) -> None:
+    """:func:`copy_step`, then :func:`delete_step` of the source (marker first)."""
+    copy_step(src, dst)
+    delete_step(src)
+
+
+def check_path(path: epath.Path) -> None:
+    """Raises a clear error for an ``s3://`` path without a bucket or a step prefix."""
+    bucket, _ = split(path)
+    if not bucket:
+        raise CheckpointPathError(
+            f"{path} names no bucket. Pass s3://<bucket>/<prefix>, e.g. s3://my-bucket/run1."
+        )
