@@ -378,9 +378,13 @@ class OrbaxCheckpointHandler:
             handle.coordinator.barrier("moved-aside")
         try:
             if step is None:
+                atomicity = handle.atomicity()  # the commit protocol, for items too
                 checkpointer = ocp.Checkpointer(
-                    ocp.CompositeCheckpointHandler(**handle.item_handlers()),
-                    **handle.atomicity(),
+                    ocp.CompositeCheckpointHandler(
+                        composite_options=ocp.CompositeOptions(**atomicity),
+                        **handle.item_handlers(),
+                    ),
+                    **atomicity,
                 )
                 try:
                     checkpointer.save(path, args=args)

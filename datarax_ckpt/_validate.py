@@ -127,6 +127,10 @@ def directory(value: Any) -> epath.Path:
         raise CheckpointPathError(
             f"directory {str(value)!r} contains a NUL byte, which no file system accepts."
         )
+    if str(value).startswith("s3://"):
+        from datarax_ckpt import _s3
+
+        _s3.check_path(value)
     path = epath.Path(value)
     if "://" not in str(value):
         path = path.absolute()  # Orbax requires absolute local paths
