@@ -405,6 +405,7 @@ class OrbaxCheckpointHandler:
         metadata_only: bool = False,
         verify: bool | None = None,
         fallback: bool = True,
+        partial: bool = False,
     ) -> Any:
         """Restores a checkpoint, after this handler's pending saves to ``directory``.
 
@@ -419,8 +420,9 @@ class OrbaxCheckpointHandler:
             target: None returns the saved tree with its original types. A
                 :class:`~datarax_ckpt.Checkpointable` gets ``set_state`` and is
                 returned; a Flax NNX object is updated in place and returned; any other
-                pytree is rebuilt with the target's structure, each ``jax.Array`` leaf
-                giving the dtype and sharding to restore onto.
+                pytree (an ``nnx.State`` included) is rebuilt with the target's
+                structure, each ``jax.Array`` or ``jax.ShapeDtypeStruct`` leaf giving the
+                dtype and sharding to restore onto (see the guide's "Abstract targets").
             step: None restores the latest step (or the unversioned checkpoint when
                 there are no steps); an int restores exactly ``ckpt-<step>``.
             metadata_only: Return only the metadata dict saved with the checkpoint.
@@ -429,6 +431,9 @@ class OrbaxCheckpointHandler:
                 Checkpoints written without checksums restore unchecked.
             fallback: With ``step=None``, restore the newest intact step when the
                 latest is corrupt or incomplete. False raises instead.
+            partial: Restore only the target's part of the checkpoint: its dicts (and
+                NNX States) may leave out keys, which are then not read. A target key
+                the checkpoint lacks is an error either way.
 
         Returns:
             The restored state, the updated target, or the metadata dict.
@@ -445,8 +450,10 @@ class OrbaxCheckpointHandler:
                 or incomplete (and, for ``step=None``, no older step is intact or
                 ``fallback`` is False); it names the file and the leaves.
         """
+        _validate.target(target)
         step = _validate.step(step)
         _validate.flag("metadata_only", metadata_only)
+        _validate.flag("partial", partial)
         _validate.flag("fallback", fallback)
         verify = self.options.verify_on_restore if verify is None else verify
         _validate.flag("verify", verify)
@@ -455,7 +462,7 @@ class OrbaxCheckpointHandler:
         # jax.default_device is per thread: the read runs on the directory's worker.
         device = _snapshot.default_device()
         read = functools.partial(
-            _restoring.read, handle, target, step, metadata_only, verify, fallback
+            _restoring.read, handle, target, step, metadata_only, verify, fallback, partial
         )
         return handle.run(_restoring.on_device, device, read).result()
 

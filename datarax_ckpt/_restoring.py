@@ -36,7 +36,9 @@ def missing_step(path: epath.Path, step: int, steps: list[int]) -> CheckpointNot
     )
 
 
-def read(handle: _directory.Directory, target, step, metadata_only, verify, fallback) -> Any:
+def read(
+    handle: _directory.Directory, target, step, metadata_only, verify, fallback, partial=False
+) -> Any:
     """The body of ``OrbaxCheckpointHandler.restore``, run on the directory's worker."""
     path = handle.path
     if not path.is_dir():
@@ -47,14 +49,16 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
     if step is None and not steps:
         if not _layout.is_committed(unversioned):
             raise no_checkpoint(path)
-        return _read_items(handle, unversioned, None, target, metadata_only, verify)
+        return _read_items(handle, unversioned, None, target, metadata_only, verify, partial)
     if step is not None and step not in steps:
         raise missing_step(path, step, steps)
     failures: list[tuple[int, CheckpointCorruptedError]] = []
     for candidate in [step] if step is not None else steps[::-1]:
         try:
             folder = path / _layout.step_name(candidate)
-            restored = _read_items(handle, folder, candidate, target, metadata_only, verify)
+            restored = _read_items(
+                handle, folder, candidate, target, metadata_only, verify, partial
+            )
         except CheckpointCorruptedError as e:
             if step is not None or not fallback:
                 e.add_note("Restore an older step with step=N, or step=None to fall back.")
@@ -73,7 +77,7 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
     ) from failures[0][1]
 
 
-def _read_items(handle, path, step, target, metadata_only, verify=False) -> Any:
+def _read_items(handle, path, step, target, metadata_only, verify=False, partial=False) -> Any:
     ours = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
     if not any((path / item).exists() for item in ours):
         # None of our items: another tool's checkpoint, not a damaged one of ours.
@@ -84,10 +88,10 @@ def _read_items(handle, path, step, target, metadata_only, verify=False) -> Any:
     if not verify:
         structure.checksums = None
     with _integrity.reading(structure):
-        return _read_checked(handle, path, step, target, metadata_only, structure)
+        return _read_checked(handle, path, step, target, metadata_only, structure, partial)
 
 
-def _read_checked(handle, path, step, target, metadata_only, structure) -> Any:
+def _read_checked(handle, path, step, target, metadata_only, structure, partial=False) -> Any:
     if step is None:
         checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handle.item_handlers()))
 
@@ -116,7 +120,7 @@ def _read_checked(handle, path, step, target, metadata_only, structure) -> Any:
         manifest = manifest[_layout.ITEM_MANIFEST]
     serialization.check_manifest(manifest, str(path))
     _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
-    plan = serialization.plan_restore(manifest, target)
+    plan = serialization.plan_restore(manifest, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
     loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
     return plan.build(loaded)

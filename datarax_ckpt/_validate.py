@@ -30,6 +30,16 @@ def step(value: Any) -> int | None:
     return index
 
 
+def target(value: Any) -> None:
+    """Refuses an integer restore target: the Orbax habit ``restore(directory, step)``."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+        raise TypeError(
+            f"restore() got target={value!r}, an int: did you mean `step={value}`? The "
+            "second argument is the tree to restore onto; pass the step by keyword, "
+            f"restore(directory, step={value}). (A saved int comes back with target=None.)"
+        )
+
+
 def keep(value: Any) -> None:
     if value is None:
         return

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarax_ckpt import _snapshot
+from datarax_ckpt import _nnx, _snapshot
 from datarax_ckpt._errors import CheckpointFormatError, StructureMismatchError
 from datarax_ckpt._typing import Checkpointable, PyTree
 from datarax_ckpt.options import DEFAULT_PACK_THRESHOLD_BYTES
@@ -70,9 +70,27 @@ def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and _is_key_dtype(x.dtype)
 
 
+def _is_key_target(x: Any) -> bool:
+    """A typed PRNG key, or an abstract one (``ShapeDtypeStruct`` of a key dtype)."""
+    return isinstance(x, jax.Array | jax.ShapeDtypeStruct) and _is_key_dtype(x.dtype)
+
+
 @functools.lru_cache(maxsize=256)
 def _is_key_dtype(dtype: Any) -> bool:
     return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+@functools.lru_cache(maxsize=64)
+def _key_impl_name(dtype: Any) -> str:
+    """The PRNG impl name of a key dtype (abstract targets have no key to ask)."""
+    names: list[str] = []
+    abstract = jax.ShapeDtypeStruct((), dtype)
+    jax.eval_shape(lambda k: names.append(str(jax.random.key_impl(k))), abstract)
+    return names[0]
+
+
+def _paths(path: str, keys: list) -> str:
+    return ", ".join(_join(path, k) for k in keys) or "none"
 
 
 def _where(path: str) -> str:
@@ -123,14 +141,16 @@ class _Encoder:
                 "type": f"{cls.__module__}.{cls.__qualname__}",
                 "c": self.encode(x.get_state(), f"{path}.get_state()"),
             }
+        if _nnx.is_variable(x):  # a graph node too: checked first
+            return _nnx.encode_variable(x, path, self.encode)
+        if _nnx.is_state(x):
+            return {**self._encode_plain(_nnx.state_mapping(x), path), "nnx": _nnx.STATE_MARK}
         if _is_graph_node(x):
-            from flax import nnx
-
             cls = type(x)
             return {
                 "t": "nnx",
                 "type": f"{cls.__module__}.{cls.__qualname__}",
-                "c": self.encode(nnx.state(x).to_pure_dict(), path),
+                "c": self.encode(_nnx.module_state(x), path),
             }
         return None
 
@@ -323,14 +343,17 @@ def check_manifest(manifest: Any, where: str = "checkpoint") -> None:
         )
 
 
-def plan_restore(manifest: dict, target: PyTree = None) -> RestorePlan:
+def plan_restore(manifest: dict, target: PyTree = None, *, partial: bool = False) -> RestorePlan:
     """Matches a manifest against an optional target and plans the restore.
 
     Args:
         manifest: A manifest written by :func:`serialize`.
         target: None to restore the original types; otherwise a tree whose structure
-            must match the checkpoint, whose array leaves give the dtype and sharding to
-            restore onto, and whose NNX / Checkpointable objects are updated in place.
+            must match the checkpoint, whose array leaves (arrays or
+            ``jax.ShapeDtypeStruct``) give the dtype and sharding to restore onto, and
+            whose NNX / Checkpointable objects are updated in place.
+        partial: Allow the target's dicts (and NNX States) to leave out keys the
+            checkpoint has: only the target's leaves are planned, so only they are read.
 
     Returns:
         A :class:`RestorePlan`.
@@ -341,7 +364,7 @@ def plan_restore(manifest: dict, target: PyTree = None) -> RestorePlan:
             expected and the found.
     """
     check_manifest(manifest)
-    planner = _Planner(manifest)
+    planner = _Planner(manifest, partial=partial)
     builder = planner.plan(manifest["tree"], target, "", use_target=target is not None)
     storage, materialize = _snapshot.read_specs(manifest, planner.requests)
 
@@ -369,8 +392,9 @@ _Builder = Callable[[list], Any]
 
 
 class _Planner:
-    def __init__(self, manifest: dict) -> None:
+    def __init__(self, manifest: dict, *, partial: bool = False) -> None:
         self.slots = manifest["slots"]
+        self.partial = partial
         self.requests: dict[int, _LeafRequest] = {}
 
     def _mismatch(self, path: str, expected: str, found: str) -> StructureMismatchError:
@@ -394,20 +418,29 @@ class _Planner:
                 return target
 
             return build_obj
+        if is_object and _nnx.is_variable(target):  # a graph node too: checked first
+            return self._plan_variable(node, target, path)
+        if is_object and _nnx.is_state(target):
+            if kind != "dict":
+                raise self._mismatch(path, "an nnx.State", self._describe(node))
+            inner = self._plan_dict(node, _nnx.state_mapping(target), path, True)
+            return lambda values: _nnx.new_state(target, inner(values))
         if is_object and _is_graph_node(target):
-            from flax import nnx
-
-            if kind != "nnx":
-                raise self._mismatch(path, f"a Flax NNX {type(target).__name__}", kind)
-            state = nnx.state(target)
-            inner = self.plan(node["c"], state.to_pure_dict(), path, use_target=True)
-
-            def build_nnx(values: list) -> Any:
-                nnx.replace_by_pure_dict(state, inner(values))
-                nnx.update(target, state)
-                return target
-
-            return build_nnx
+            # A saved module holds its State; a saved State restores onto a module too.
+            if kind != "nnx" and node.get("nnx") != _nnx.STATE_MARK:
+                raise self._mismatch(
+                    path, f"a Flax NNX {type(target).__name__}", self._describe(node)
+                )
+            state = _nnx.module_state(target)
+            inner = self.plan(node["c"] if kind == "nnx" else node, state, path, use_target=True)
+            return lambda values: _nnx.update_module(target, inner(values))
+        if "var" in node:  # a saved Variable: rebuilt, or its value onto a plain target
+            value_path = _join(path, "value", attr=True)
+            inner = self.plan(node["c"][0], target, value_path, use_target=use_target)
+            if use_target:
+                return inner
+            build_variable = _nnx.build_variable(node["var"])
+            return lambda values: build_variable(inner(values))
         if kind in ("obj", "nnx"):
             if use_target:
                 raise self._mismatch(path, type(target).__name__, f"a saved {node['type']}")
@@ -420,6 +453,25 @@ class _Planner:
             return self._plan_node(node, target, path, use_target)
         return self._plan_leaf(node, target, path, use_target)
 
+    @staticmethod
+    def _describe(node: dict) -> str:
+        if "var" in node:
+            return f"an nnx.{node['var'].get('qualname')}"
+        if node.get("nnx") == _nnx.STATE_MARK:
+            return "an nnx.State"
+        return f"a saved {node['type']}" if "type" in node else f"a {node['t']}"
+
+    def _plan_variable(self, node: dict, target: Any, path: str) -> _Builder:
+        """A Variable target: a copy of it holding the restored value (its metadata kept)."""
+        value = _nnx.target_value(target)
+        if "var" in node:
+            if not _nnx.variable_matches(node["var"], target):
+                found = self._describe(node)
+                raise self._mismatch(path, f"an nnx.{type(target).__qualname__}", found)
+            node, path = node["c"][0], _join(path, "value", attr=True)
+        inner = self.plan(node, value, path, use_target=True)
+        return lambda values: _nnx.rebuild_on(target, inner(values))
+
     def _plan_dict(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
         keys = node["k"]
         if use_target:
@@ -427,13 +479,9 @@ class _Planner:
                 raise self._mismatch(path, type(target).__name__, "a dict")
             stored = set(keys)  # a set: thousands of keys must not cost a quadratic scan
             missing = [k for k in target if k not in stored]
-            extra = [k for k in keys if k not in target]
+            extra = [] if self.partial else [k for k in keys if k not in target]
             if missing or extra:
-                raise self._mismatch(
-                    path,
-                    f"dict keys {list(target)}",
-                    f"keys {keys} (missing from checkpoint: {missing}, not in target: {extra})",
-                )
+                raise self._dict_mismatch(path, list(target), keys, missing, extra)
             order = list(target)
         else:
             order = keys
@@ -450,7 +498,26 @@ class _Planner:
             )
             for k in order
         ]
+        if not use_target and node.get("nnx") == _nnx.STATE_MARK:
+            return lambda values: _nnx.new_state(None, {k: child(values) for k, child in children})
         return lambda values: {k: child(values) for k, child in children}
+
+    def _dict_mismatch(self, path, target_keys, keys, missing, extra) -> StructureMismatchError:
+        hints = []
+        if extra:
+            hints.append("To restore only the target's part of the checkpoint, pass partial=True.")
+        if missing:
+            hints.append(
+                f"Keys {missing} are not in the checkpoint and cannot be restored, "
+                "partial or not: remove them from the target."
+            )
+        return StructureMismatchError(
+            f"Restore target does not match the checkpoint at {_where(path)}: the target has "
+            f"dict keys {target_keys}, the checkpoint has keys {keys} (missing from "
+            f"checkpoint: {_paths(path, missing)}, not in target: {_paths(path, extra)}). "
+            + " ".join(hints)
+            + " Or pass target=None to get the saved tree back."
+        )
 
     def _plan_sequence(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
         kind, saved = node["t"], node["c"]
@@ -528,16 +595,19 @@ class _Planner:
         data_shape = self._shape(slot)
         sharding = None
         if use_target:
-            if not _is_key(target):
+            if not _is_key_target(target):
                 raise self._mismatch(path, type(target).__name__, f"a PRNG key ({impl})")
-            target_impl = str(jax.random.key_impl(target))
+            target_impl = _key_impl_name(target.dtype)
             if target_impl != impl or target.shape != data_shape[:-1]:
                 raise self._mismatch(
                     path,
                     f"a {target_impl} key of shape {target.shape}",
                     f"a {impl} key of shape {data_shape[:-1]}",
                 )
-            sharding = jax.random.key_data(target).sharding
+            sharding = getattr(target, "sharding", None)
+            if isinstance(target, jax.Array):
+                sharding = jax.random.key_data(target).sharding
+            sharding = _nnx.concrete_sharding(sharding, path)
         self.requests[slot] = _LeafRequest("jax", np.dtype(np.uint32), data_shape, sharding)
         return lambda values: jax.random.wrap_key_data(values[slot], impl=impl)
 
@@ -547,7 +617,7 @@ class _Planner:
         shape = self._shape(slot)
         lib, dtype, sharding = node["lib"], saved_dtype, None
         if use_target:
-            if _is_key(target) or not isinstance(
+            if _is_key_target(target) or not isinstance(
                 target, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic
             ):
                 raise self._mismatch(
@@ -563,6 +633,9 @@ class _Planner:
             elif isinstance(target, np.ndarray):
                 lib = "numpy"
             else:
-                lib, sharding = "jax", getattr(target, "sharding", None)
+                lib, sharding = (
+                    "jax",
+                    _nnx.concrete_sharding(getattr(target, "sharding", None), path),
+                )
         self.requests[slot] = _LeafRequest(lib, dtype, shape, sharding)
         return lambda values: values[slot]
