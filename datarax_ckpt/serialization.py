@@ -134,13 +134,6 @@ class _Encoder:
         return self._encode_plain(x, path)
 
     def _encode_object(self, x: Any, path: str) -> dict | None:
-        if isinstance(x, Checkpointable) and not isinstance(x, type):
-            cls = type(x)
-            return {
-                "t": "obj",
-                "type": f"{cls.__module__}.{cls.__qualname__}",
-                "c": self.encode(x.get_state(), f"{path}.get_state()"),
-            }
         if _nnx.is_variable(x):  # a graph node too: checked first
             return _nnx.encode_variable(x, path, self.encode)
         if _nnx.is_state(x):
@@ -151,6 +144,14 @@ class _Encoder:
                 "t": "nnx",
                 "type": f"{cls.__module__}.{cls.__qualname__}",
                 "c": self.encode(_nnx.module_state(x), path),
+            }
+        # After NNX: nnx.Rngs answers any attribute, get_state and set_state included.
+        if isinstance(x, Checkpointable) and not isinstance(x, type):
+            cls = type(x)
+            return {
+                "t": "obj",
+                "type": f"{cls.__module__}.{cls.__qualname__}",
+                "c": self.encode(x.get_state(), f"{path}.get_state()"),
             }
         return None
 
@@ -408,19 +409,11 @@ class _Planner:
         kind = node["t"]
         # As in encoding, only objects need the slow protocol and graph-node checks.
         is_object = use_target and type(target) not in _PLAIN and not isinstance(target, _ARRAYS)
-        if is_object and isinstance(target, Checkpointable) and not isinstance(target, type):
-            if kind != "obj":
-                raise self._mismatch(path, f"a Checkpointable {type(target).__name__}", kind)
-            inner = self.plan(node["c"], None, path, use_target=False)
-
-            def build_obj(values: list) -> Any:
-                target.set_state(inner(values))
-                return target
-
-            return build_obj
         if is_object and _nnx.is_variable(target):  # a graph node too: checked first
             return self._plan_variable(node, target, path)
         if is_object and _nnx.is_state(target):
+            if kind == "nnx":  # a saved module restores onto its State
+                node, kind = node["c"], node["c"]["t"]
             if kind != "dict":
                 raise self._mismatch(path, "an nnx.State", self._describe(node))
             inner = self._plan_dict(node, _nnx.state_mapping(target), path, True)
@@ -434,6 +427,16 @@ class _Planner:
             state = _nnx.module_state(target)
             inner = self.plan(node["c"] if kind == "nnx" else node, state, path, use_target=True)
             return lambda values: _nnx.update_module(target, inner(values))
+        if is_object and isinstance(target, Checkpointable) and not isinstance(target, type):
+            if kind != "obj":
+                raise self._mismatch(path, f"a Checkpointable {type(target).__name__}", kind)
+            inner = self.plan(node["c"], None, path, use_target=False)
+
+            def build_obj(values: list) -> Any:
+                target.set_state(inner(values))
+                return target
+
+            return build_obj
         if "var" in node:  # a saved Variable: rebuilt, or its value onto a plain target
             value_path = _join(path, "value", attr=True)
             inner = self.plan(node["c"][0], target, value_path, use_target=use_target)
