@@ -459,12 +459,12 @@ class OrbaxCheckpointHandler:
         _validate.flag("verify", verify)
         path = _validate.directory(directory)
         handle = self._enter(path)
-        # jax.default_device is per thread: the read runs on the directory's worker.
-        device = _snapshot.default_device()
+        # jax.default_device and jax.set_mesh are per thread: the read runs on the worker.
+        context = _restoring.caller_context()
         read = functools.partial(
             _restoring.read, handle, target, step, metadata_only, verify, fallback, partial
         )
-        return handle.run(_restoring.on_device, device, read).result()
+        return handle.run(_restoring.in_context, context, read).result()
 
     def verify(self, directory: PathLike, step: int | None = None) -> _structure.VerifyReport:
         """Re-reads a checkpoint (after pending saves) and checks everything it holds.

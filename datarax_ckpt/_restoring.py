@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -9,7 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _directory, _integrity, _layout, _structure, serialization
+from datarax_ckpt import _directory, _integrity, _layout, _snapshot, _structure, serialization
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointNotFoundError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -19,6 +20,21 @@ def on_device(device: Any, fn: Any, *args: Any) -> Any:
     """Runs ``fn(*args)`` under ``jax.default_device(device)`` (a per-thread setting)."""
     with jax.default_device(device):
         return fn(*args)
+
+
+def caller_context() -> tuple[Any, Any]:
+    """The calling thread's ``jax.default_device`` and ``jax.set_mesh`` mesh (both per thread)."""
+    return _snapshot.default_device(), jax.sharding.get_mesh()
+
+
+def in_context(context: tuple[Any, Any], fn: Any, *args: Any) -> Any:
+    """Runs ``fn(*args)`` under a :func:`caller_context`: a target from ``nnx.eval_shape``
+    is sharded over an abstract mesh, made concrete with the caller's mesh."""
+    device, mesh = context
+    with contextlib.ExitStack() as stack:
+        if not mesh.empty:
+            stack.enter_context(jax.set_mesh(mesh))
+        return on_device(device, fn, *args)
 
 
 def no_checkpoint(path: epath.Path) -> CheckpointNotFoundError:

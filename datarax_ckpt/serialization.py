@@ -597,11 +597,19 @@ class _Planner:
         slot, impl = node["s"], node["impl"]
         data_shape = self._shape(slot)
         sharding = None
+        # ocp.utils.to_shape_dtype_struct turns a key into its key data's shape and
+        # dtype: as Orbax does, such a target restores the typed key.
+        as_data = (
+            use_target
+            and isinstance(target, jax.ShapeDtypeStruct)
+            and target.dtype == np.uint32
+            and tuple(target.shape) == data_shape
+        )
         if use_target:
-            if not _is_key_target(target):
+            if not (as_data or _is_key_target(target)):
                 raise self._mismatch(path, type(target).__name__, f"a PRNG key ({impl})")
-            target_impl = _key_impl_name(target.dtype)
-            if target_impl != impl or target.shape != data_shape[:-1]:
+            target_impl = impl if as_data else _key_impl_name(target.dtype)
+            if not as_data and (target_impl != impl or target.shape != data_shape[:-1]):
                 raise self._mismatch(
                     path,
                     f"a {target_impl} key of shape {target.shape}",
