@@ -209,12 +209,17 @@ class _Encoder:
             }
         children, _ = _flatten_one_level(x)
         if len(children) == 1 and children[0][1] is x:  # not a registered pytree node
+            if callable(x):
+                # Equinox keeps activations as leaves: recorded, taken from the target.
+                name = getattr(x, "__qualname__", type(x).__qualname__)
+                return {"t": "fn", "name": f"{getattr(x, '__module__', None)}.{name}"}
             raise TypeError(
                 f"Leaf {_where(path)} has unsupported type {type(x).__module__}."
                 f"{type(x).__qualname__}. Supported leaves: jax.Array (typed PRNG keys "
                 "included), np.ndarray, numpy scalars, bool, int, float, complex, str, bytes, "
-                "None; containers: dict, list, tuple, registered pytree nodes, Flax NNX "
-                "objects and Checkpointable objects (get_state/set_state)."
+                "None, functions (not stored: restored from the target); containers: dict, "
+                "list, tuple, registered pytree nodes, Flax NNX objects and Checkpointable "
+                "objects (get_state/set_state)."
             )
         cls = type(x)
         keys = [_key_name(entry[-1]) for entry, _ in children]
@@ -584,6 +589,11 @@ class _Planner:
             if kind == "str":
                 return lambda values: values[slot].tobytes().decode("utf-8", "surrogatepass")
             return lambda values: values[slot].tobytes()
+        if kind == "fn":
+            if use_target and not callable(target):
+                raise self._mismatch(path, type(target).__name__, f"a function {node['name']}")
+            # Functions are not stored: the target's, or None without a target.
+            return lambda values: target if use_target else None
         if kind == "key":
             return self._plan_key(node, target, path, use_target)
         if kind == "array":

@@ -36,8 +36,9 @@ def test_model_weights_alone_from_a_model_and_optimizer_checkpoint(handler, tmp_
 
 
 def test_leaves_not_asked_for_are_not_read(tmp_path):
-    # Each stored array (2 MiB: not packed) in its own files (no OCDBT); the optimizer's bytes are then
-    # damaged on disk. A verified partial restore of the model never reads them.
+    # Each stored array (2 MiB: not packed) in its own files (no OCDBT); the optimizer's
+    # bytes are then damaged on disk. A verified partial restore of the model never reads
+    # them.
     state = {"model": {"w": jnp.ones((1024, 512))}, "optimizer": {"mu": jnp.zeros((1024, 512))}}
     with OrbaxCheckpointHandler(use_ocdbt=False, verify_on_restore=True) as h:
         h.save(tmp_path, state, step=1)

@@ -155,7 +155,7 @@ def test_mismatched_target_names_path_expected_and_found(target, match):
 
 @pytest.mark.parametrize(
     "leaf, kind",
-    [(object(), "builtins.object"), (lambda: 0, "function"), ({1, 2}, "builtins.set")],
+    [(object(), "builtins.object"), (frozenset(), "builtins.frozenset"), ({1, 2}, "builtins.set")],
 )
 def test_unsupported_leaf_names_path_and_type(leaf, kind):
     with pytest.raises(TypeError, match=rf"Leaf \['a'\]\[0\] has unsupported type .*{kind}"):
