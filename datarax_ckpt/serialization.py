@@ -93,6 +93,14 @@ def _paths(path: str, keys: list) -> str:
     return ", ".join(_join(path, k) for k in keys) or "none"
 
 
+def _is_scalar_array(x: Any) -> bool:
+    return (
+        isinstance(x, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic)
+        and x.shape == ()
+        and not _is_key_dtype(x.dtype)
+    )
+
+
 def _where(path: str) -> str:
     return path or "<root>"
 
@@ -573,13 +581,16 @@ class _Planner:
                 raise self._mismatch(path, type(target).__name__, "None")
             return lambda values: None
         if kind in ("bool", "int", "float", "complex"):
+            value = complex(*node["v"]) if kind == "complex" else node["v"]
+            if use_target and _is_scalar_array(target):
+                # A step saved as a Python int, restored onto a 0-d (abstract) array.
+                return self._scalar_onto_array(value, target, path)
             if (
                 use_target
                 and type(target)
                 is not {"bool": bool, "int": int, "float": float, "complex": complex}[kind]
             ):
                 raise self._mismatch(path, type(target).__name__, f"a Python {kind}")
-            value = complex(*node["v"]) if kind == "complex" else node["v"]
             return lambda values: value
         if kind in ("str", "bytes"):
             if use_target and type(target).__name__ != kind:
@@ -599,6 +610,15 @@ class _Planner:
         if kind == "array":
             return self._plan_array(node, target, path, use_target)
         raise CheckpointFormatError(f"Unknown leaf kind {kind!r} at {_where(path)} in manifest.")
+
+    def _scalar_onto_array(self, value: Any, target: Any, path: str) -> _Builder:
+        array = np.asarray(value, dtype=target.dtype)
+        if isinstance(target, np.ndarray | np.generic):
+            return lambda values: array if isinstance(target, np.ndarray) else array[()]
+        sharding = _nnx.concrete_sharding(getattr(target, "sharding", None), path)
+        return lambda values: jax.device_put(
+            array, sharding or jax.sharding.SingleDeviceSharding(_snapshot.default_device())
+        )
 
     def _shape(self, slot: int) -> tuple[int, ...]:
         return tuple(self.slots[slot]["shape"])
@@ -637,6 +657,8 @@ class _Planner:
         saved_dtype = jnp.dtype(self.slots[slot]["dtype"])
         shape = self._shape(slot)
         lib, dtype, sharding = node["lib"], saved_dtype, None
+        if use_target and type(target) in (bool, int, float) and shape == ():
+            use_target = False  # a fresh TrainState's step=0 onto a trained state's array
         if use_target:
             if _is_key_target(target) or not isinstance(
                 target, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic

@@ -96,3 +96,17 @@ def test_sharded_model_restores_onto_eval_shape_state_under_the_mesh(handler, tm
 
     with pytest.raises(StructureMismatchError, match=r"abstract mesh.*jax.set_mesh"):
         handler.restore(tmp_path, abstract)  # no mesh set: nowhere to put the shards
+
+
+def test_python_scalars_and_zero_d_arrays_restore_onto_each_other(handler, tmp_path):
+    # A fresh TrainState has step=0 (an int); a trained one a 0-d array: either way round.
+    handler.save(tmp_path, {"step": 3, "lr": 0.5, "count": jnp.int32(9)}, step=1)
+    target = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "lr": jax.ShapeDtypeStruct((), jnp.bfloat16),
+        "count": 0,
+    }
+    restored = handler.restore(tmp_path, target)
+    assert_identical(
+        restored, {"step": jnp.int32(3), "lr": jnp.bfloat16(0.5), "count": jnp.int32(9)}
+    )
