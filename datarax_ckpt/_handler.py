@@ -441,7 +441,9 @@ class OrbaxCheckpointHandler:
         Raises:
             FileNotFoundError: if the directory, the step or any checkpoint is missing;
                 the message lists the available steps.
-            StructureMismatchError: (a ValueError) if ``target`` does not match.
+            StructureMismatchError: (a ValueError) if ``target`` does not match (with
+                ``partial``, if it has a leaf the checkpoint lacks).
+            TypeError: if ``target`` is an int (``restore(d, 1)``: use ``step=1``).
             ValueError: in a multi-process run, if a leaf saved sharded across
                 processes has no target leaf giving the sharding to restore onto.
             CheckpointFormatError: (a ValueError) if the folder is not a datarax_ckpt
