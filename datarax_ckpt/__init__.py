@@ -7,6 +7,7 @@ from datarax_ckpt._errors import CheckpointExistsError as CheckpointExistsError
 from datarax_ckpt._errors import CheckpointFormatError as CheckpointFormatError
 from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
+from datarax_ckpt._errors import StepOrderError as StepOrderError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
 from datarax_ckpt._structure import Problem as Problem
@@ -33,6 +34,7 @@ __all__ = [
     "Problem",
     "ProcessMismatchError",
     "PyTree",
+    "StepOrderError",
     "StructureMismatchError",
     "VerifyReport",
     "serialization",
