@@ -35,7 +35,8 @@ def check_order(path: epath.Path, step: int | None, pending: list[int]) -> None:
         return
     still = sorted(set(newer) & set(pending) - set(committed))
     being = f" ({still} still being written by this handler)" if still else ""
-    then = " then save with overwrite=True to replace it" if step in committed else " then save"
+    exists = step in committed or step in pending
+    then = " then save with overwrite=True to replace it" if exists else " then save"
     raise StepOrderError(
         f"Cannot save step {step} to {path}: it holds newer steps {newer}{being}. Saved "
         f"below them, step {step} would not be the latest and retention could delete it. "
