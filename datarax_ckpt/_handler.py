@@ -235,7 +235,7 @@ class OrbaxCheckpointHandler:
         with self._lock_for(capture):
             self._check_open()
             self._raise_errors()
-            if not (force or step is None or _retention.should_save(self.options, step, [], False)):
+            if not (force or step is None or _retention.on_interval(self.options, step)):
                 return None  # off save_interval_steps
             handle = self._handle_for(path)
             try:
@@ -581,9 +581,12 @@ class OrbaxCheckpointHandler:
         step = _validate.step(step)
         if step is None:
             raise TypeError("should_save needs an int step >= 0, got None.")
-        pending = self.pending_steps(directory)
-        known = sorted({*self.get_checkpoint_steps(directory, wait=False), *pending})
-        return _retention.should_save(self.options, step, known, bool(pending))
+        path = _validate.directory(directory)
+        pending = self.pending_steps(path)
+        if not _retention.on_interval(self.options, step, saving=bool(pending)):
+            return False  # decided without listing the directory
+        self._raise_errors()
+        return not (any(s >= step for s in pending) or _steps.committed_above(path, step - 1))
 
     def rollback(self, directory: PathLike, step: int) -> list[int]:
         """Deletes every committed step above ``step`` (after this handler's pending saves).

@@ -95,19 +95,15 @@ def metrics(options: CheckpointOptions, metadata: dict | None) -> dict[str, floa
     return {options.best_metric: value}
 
 
-def should_save(options: CheckpointOptions, step: int, previous: list[int], saving: bool) -> bool:
-    """Orbax's save decision for ``step``: after the ``previous`` steps and on the interval."""
-    if previous and step <= previous[-1]:
-        return False  # as CheckpointManager.should_save
+def on_interval(options: CheckpointOptions, step: int, saving: bool = False) -> bool:
+    """Orbax's save decision for ``step``: ``FixedIntervalPolicy(save_interval_steps)``."""
     if options.save_interval_steps is None:
         return True
-    now = datetime.datetime.now(tz=datetime.UTC)
     context = _policies.DecisionContext(
         is_saving_in_progress=saving,
         reached_preemption=False,  # a preemption save passes force=True (PreemptionGuard)
         multiprocessing_options=ocp.options.MultiprocessingOptions(),
     )
     policy = _policies.FixedIntervalPolicy(options.save_interval_steps)
-    return policy.should_save(
-        _Info(step, now), [_Info(s, now) for s in previous], context=context
-    )
+    now = datetime.datetime.now(tz=datetime.UTC)
+    return policy.should_save(_Info(step, now), [], context=context)
