@@ -31,6 +31,7 @@ from datarax_ckpt import (
     serialization,
 )
 from datarax_ckpt._errors import (
+    BackgroundSaveError,
     CheckpointError,
     CheckpointExistsError,
     storage_error,
@@ -138,7 +139,8 @@ class OrbaxCheckpointHandler:
         Idempotent. The handler cannot be used afterwards.
 
         Raises:
-            Exception: the first error of a background write not yet reported.
+            Exception: the error of a background write not yet reported, or a
+                BackgroundSaveError holding each of several.
         """
         with self._lock:
             if self._closed:
@@ -157,7 +159,8 @@ class OrbaxCheckpointHandler:
         """Blocks until every pending save is committed on disk.
 
         Raises:
-            Exception: the first error of a background write not yet reported.
+            Exception: the error of a background write not yet reported, or a
+                BackgroundSaveError holding each of several.
         """
         with self._lock:
             directories = list(self._directories.values())
@@ -210,12 +213,18 @@ class OrbaxCheckpointHandler:
             StepOrderError: (a ValueError) if a newer step is committed or pending; it
                 names them. Nothing is written.
             FileExistsError: if the checkpoint exists and ``overwrite`` is False.
-            NotADirectoryError: if ``directory`` is a file.
+            CheckpointPathError: (a ValueError) if ``directory`` is empty, holds a NUL
+                byte or a name too long, or is not valid UTF-8.
+            CheckpointNotADirectoryError: (a NotADirectoryError) if ``directory`` or a
+                folder above it is a file.
+            NestingTooDeepError: (a ValueError) if the state or metadata nests deeper
+                than ``serialization.MAX_DEPTH`` levels; it names the path.
             ProcessMismatchError: (a ValueError, multi-process runs) if the processes
                 passed different non-array data; it names the leaves. No process saves.
             CheckpointError: (multi-process runs) if the save failed on another process
                 before writing; that process raises its own error. No process saves.
-            Exception: an error of an earlier background write.
+            Exception: an error of an earlier background write (several at once: a
+                BackgroundSaveError, an ExceptionGroup of them).
         """
         # Marked first thing, before anything releases the GIL: an earlier save's worker
         # about to start its Orbax work then waits for this capture (on few cores Orbax's
@@ -230,7 +239,7 @@ class OrbaxCheckpointHandler:
         _validate.flag("force", force)
         metadata = _validate.metadata(metadata)
         _retention.metrics(self.options, metadata)  # a bad keep_best metric: before writing
-        path = _validate.directory(directory)
+        path = _validate.save_directory(directory)
         name = _layout.step_name(step)
         with self._lock_for(capture):
             self._check_open()
@@ -338,12 +347,18 @@ class OrbaxCheckpointHandler:
             self._errors.append(error)
 
     def _raise_errors(self) -> None:
+        """Raises every background error not yet reported, each exactly once: one alone,
+        several together as a :class:`BackgroundSaveError` (an ``ExceptionGroup``)."""
         with self._state:
             errors, self._errors = self._errors, []
-        if errors:
-            for extra in errors[1:]:
-                logger.error("Another background checkpoint error: %r", extra)
+        if len(errors) == 1:
             raise errors[0]
+        if errors:
+            raise BackgroundSaveError(
+                f"{len(errors)} background checkpoint saves failed (a note on each error "
+                "names its checkpoint)",
+                errors,
+            )
 
     def _write(self, handle, step, arrays, manifest, metadata, keep, overwrite) -> None:
         """Worker thread: writes one checkpoint through Orbax and waits until committed.
@@ -355,6 +370,7 @@ class OrbaxCheckpointHandler:
         primary = _multihost.is_primary()
         if primary:
             handle.path.mkdir(parents=True, exist_ok=True)
+            _layout.clear_impostors(handle.path)  # before Orbax renames into the trash
         args = {
             _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
             _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
@@ -459,7 +475,7 @@ class OrbaxCheckpointHandler:
             FileNotFoundError: if the directory, the step or any checkpoint is missing;
                 the message lists the available steps.
             StructureMismatchError: (a ValueError) if ``target`` does not match.
-            ValueError: in a multi-process run, if a leaf saved sharded across
+            StructureMismatchError: in a multi-process run, if a leaf saved sharded across
                 processes has no target leaf giving the sharding to restore onto.
             CheckpointFormatError: (a ValueError) if the folder is not a datarax_ckpt
                 checkpoint or was written by a newer format version.

@@ -303,15 +303,17 @@ def storage_faults(full_dir: str, full_mounted: bool, ro_dir: str, ro_mounted: b
     for step in range(30):
         try:
             handler.save(full_dir, make_state(step), step=step)
-        except OSError as e:
-            report["full"].append(e.errno)
+        except* OSError as e:  # several at once come as one BackgroundSaveError
+            report["full"].extend(error.errno for error in e.exceptions)
+        if report["full"]:
             break
     while True:  # every failed save is reported once
         try:
             handler.wait_until_finished()
+        except* OSError as e:
+            report["full"].extend(error.errno for error in e.exceptions)
+        else:
             break
-        except OSError as e:
-            report["full"].append(e.errno)
     clear_storage_errors()
     handler.save(ro_dir, make_state(0), step=0)
     handler.wait_until_finished()

@@ -194,7 +194,7 @@ def scenario_save(args, result: dict) -> None:
             handler.restore(steps_dir)
             result["restore_no_target"] = "no error"
         except ValueError as e:
-            result["restore_no_target"] = str(e)
+            result["restore_no_target"] = f"{type(e).__name__}: {e}"
 
         differing = make_state(5, mesh, SAVE_SPECS)
         differing["local"] = jax.numpy.full((3,), pid, dtype=np.float32)  # host-local
