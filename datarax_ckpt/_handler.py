@@ -382,7 +382,7 @@ class OrbaxCheckpointHandler:
             args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(sums if primary else dict)
         checksums = args.get(_layout.ITEM_CHECKSUMS)
         args = ocp.args.Composite(**args)
-        manager = handle.manager(keep)
+        manager = handle.manager() if step is None else handle.manager(keep)
         path = handle.path / _layout.step_name(step)
         backup = None
         _steps.check_order(handle.path, step, [])  # another process may have saved since
