@@ -2,11 +2,12 @@
 save every N steps, keep every K-th step, keep the best K by a metric, keep one per hour."""
 
 import datetime
+import signal
 
 import jax.numpy as jnp
 import pytest
 
-from datarax_ckpt import CheckpointOptions, OrbaxCheckpointHandler
+from datarax_ckpt import CheckpointOptions, OrbaxCheckpointHandler, PreemptionGuard
 
 
 def state(step):
@@ -21,6 +22,19 @@ def test_save_interval_makes_off_interval_saves_a_no_op(tmp_path):
         assert h.save(tmp_path, state(25), step=25, keep=2, force=True).endswith("ckpt-25")
         assert h.save(tmp_path, {"note": "unversioned"}) is not None  # no step, no interval
         assert h.get_checkpoint_steps(tmp_path) == [20, 25]
+
+
+def test_a_preemption_save_off_the_interval_is_still_written(tmp_path):
+    with OrbaxCheckpointHandler(save_interval_steps=10) as h:
+        with PreemptionGuard(h, tmp_path, keep=2, exit_on_preemption=False) as guard:
+            for step in range(1, 15):
+                h.save(tmp_path, state(step), step=step, keep=2)  # the loop's own saves
+                if step == 13:
+                    signal.raise_signal(signal.SIGTERM)  # a real SIGTERM, caught by the guard
+                if guard.register(state(step), step):
+                    break
+        assert guard.saved_step == 13
+        assert h.get_checkpoint_steps(tmp_path) == [10, 13]
 
 
 def test_should_save_follows_the_interval_and_the_saved_steps(tmp_path):
