@@ -139,6 +139,10 @@ def test_flax_guide_pure_dict_pattern(handler, tmp_path):
     # The pure dict also restores straight onto an abstract State, Variables rebuilt.
     _, abstract_state = nnx.split(nnx.eval_shape(lambda: TwoLayerMLP(4, nnx.Rngs(1))))
     assert_same_state(handler.restore(tmp_path, abstract_state), state)
+    # ... and a saved State restores onto a pure-dict target as a pure dict.
+    handler.save(tmp_path, state, step=2)
+    pure = handler.restore(tmp_path, nnx.to_pure_dict(nnx.state(TwoLayerMLP(4, nnx.Rngs(3)))))
+    assert_identical(pure, nnx.to_pure_dict(state))
 
 
 def test_training_resumes_identically_from_model_and_optimizer_states(handler, tmp_path):
