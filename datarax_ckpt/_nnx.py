@@ -131,9 +131,20 @@ def _resolve(var: dict) -> type:
 
 
 def build_variable(var: dict) -> Callable[[Any], Any]:
-    """Turns a restored value into the saved Variable (class and plain metadata)."""
-    cls = _resolve(var)
-    meta = {k: _unplain(v) for k, v in var.get("meta", {}).items()}
+    """Turns a restored value into the saved Variable (class and plain metadata).
+
+    Raises:
+        CheckpointFormatError: if the manifest's Variable entry is malformed.
+    """
+    try:
+        cls = _resolve(var)
+        meta = {str(k): _unplain(v) for k, v in var.get("meta", {}).items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        from datarax_ckpt._errors import CheckpointFormatError
+
+        raise CheckpointFormatError(
+            f"Malformed nnx.Variable entry in manifest: {var!r:.200}"
+        ) from e
     meta.setdefault("hijax", False)
     meta.setdefault("ref", False)
     meta.setdefault("eager_sharding", False)
