@@ -28,6 +28,8 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
+import logging
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -40,6 +42,8 @@ from datarax_ckpt import _nnx, _snapshot, _validate
 from datarax_ckpt._errors import CheckpointFormatError, StructureMismatchError
 from datarax_ckpt._typing import Checkpointable, PyTree
 from datarax_ckpt.options import DEFAULT_PACK_THRESHOLD_BYTES
+
+logger = logging.getLogger("datarax_ckpt")
 
 __all__ = [
     "FORMAT_NAME",
@@ -67,6 +71,17 @@ def _is_graph_node(x: Any) -> bool:
     except ImportError:  # pragma: no cover - flax is a dependency
         return False
     return graph.is_graph_node(x)
+
+
+def _is_function(x: Any) -> bool:
+    """A function leaf (Equinox keeps activations as leaves): stored by name only.
+
+    Only functions: any other callable object (a model class instance with ``__call__``)
+    keeps the "unsupported type" error instead of being dropped silently.
+    """
+    return inspect.isroutine(x) or isinstance(
+        x, functools.partial | np.ufunc | jax.custom_jvp | jax.custom_vjp
+    )
 
 
 def _is_key(x: Any) -> bool:
@@ -257,7 +272,7 @@ class _Encoder:
             }
         children, _ = _flatten_one_level(x)
         if len(children) == 1 and children[0][1] is x:  # not a registered pytree node
-            if callable(x):
+            if _is_function(x):
                 # Equinox keeps activations as leaves: recorded, taken from the target.
                 name = getattr(x, "__qualname__", type(x).__qualname__)
                 return {"t": "fn", "name": f"{getattr(x, '__module__', None)}.{name}"}
@@ -420,6 +435,14 @@ def plan_restore(manifest: dict, target: PyTree = None, *, partial: bool = False
     check_manifest(manifest)
     planner = _Planner(manifest, partial=partial)
     builder = planner.plan(manifest["tree"], target, "", use_target=target is not None)
+    if planner.functions:
+        logger.warning(
+            "The checkpoint holds %d function leaves (%s), which are not stored: they are "
+            "restored as None. Restore onto a target (e.g. a freshly built model) to get "
+            "its functions in their place.",
+            len(planner.functions),
+            ", ".join(_where(p) for p in planner.functions[:5]),
+        )
     storage, materialize = _snapshot.read_specs(manifest, planner.requests)
 
     def build(loaded: Mapping[str, Any]) -> PyTree:
@@ -450,6 +473,7 @@ class _Planner:
         self.slots = manifest["slots"]
         self.partial = partial
         self.requests: dict[int, _LeafRequest] = {}
+        self.functions: list[str] = []  # function leaves restored as None (no target)
 
     def _mismatch(self, path: str, expected: str, found: str) -> StructureMismatchError:
         return StructureMismatchError(
@@ -644,6 +668,8 @@ class _Planner:
             if use_target and not callable(target):
                 raise self._mismatch(path, type(target).__name__, f"a function {node['name']}")
             # Functions are not stored: the target's, or None without a target.
+            if not use_target:
+                self.functions.append(path)
             return lambda values: target if use_target else None
         if kind == "key":
             return self._plan_key(node, target, path, use_target)
