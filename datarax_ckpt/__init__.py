@@ -12,6 +12,7 @@ from datarax_ckpt._errors import CheckpointPathError as CheckpointPathError
 from datarax_ckpt._errors import DeviceMemoryError as DeviceMemoryError
 from datarax_ckpt._errors import NestingTooDeepError as NestingTooDeepError
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
+from datarax_ckpt._errors import StepOrderError as StepOrderError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
 from datarax_ckpt._structure import Problem as Problem
@@ -43,6 +44,7 @@ __all__ = [
     "Problem",
     "ProcessMismatchError",
     "PyTree",
+    "StepOrderError",
     "StructureMismatchError",
     "VerifyReport",
     "serialization",

@@ -30,6 +30,18 @@ class ProcessMismatchError(CheckpointError, ValueError):
     """In a multi-process save, the processes passed different non-array data."""
 
 
+class StepOrderError(CheckpointError, ValueError):
+    """A save's step is below a newer step that is committed or still being written.
+
+    Attributes:
+        newer: The newer steps, sorted.
+    """
+
+    def __init__(self, message: str, newer: list[int]):
+        super().__init__(message)
+        self.newer = newer
+
+
 class CheckpointPathError(CheckpointError, ValueError):
     """A checkpoint directory path that cannot be used: empty, a NUL byte, a name too long,
     or (for writing) not encodable as UTF-8."""

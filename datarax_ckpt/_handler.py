@@ -23,8 +23,10 @@ from datarax_ckpt import (
     _layout,
     _multihost,
     _restoring,
+    _retention,
     _s3,
     _snapshot,
+    _steps,
     _structure,
     _validate,
     serialization,
@@ -178,8 +180,12 @@ class OrbaxCheckpointHandler:
         metadata: dict | None = None,
         keep: int | None = None,
         overwrite: bool = False,
+        force: bool = False,
     ) -> str | None:
         """Captures ``target`` and writes it in the background.
+
+        A step is never saved below a newer step (committed, or pending in this
+        handler): to resume from an earlier step, :meth:`rollback` first.
 
         Args:
             directory: The checkpoint directory (created if needed).
@@ -188,18 +194,25 @@ class OrbaxCheckpointHandler:
             step: None writes ``<directory>/checkpoint/``; an int >= 0 writes
                 ``<directory>/ckpt-<step>/``.
             metadata: A JSON-serializable dict stored beside the state.
-            keep: After this save commits, keep only the newest ``keep`` steps
-                (None keeps all). The unversioned checkpoint is never deleted.
-            overwrite: Replace an existing checkpoint of the same name. If the new save
-                fails, the old one is put back.
+            keep: After this save commits, keep only the newest ``keep`` steps by step
+                number (None keeps all), and those that ``keep_period``, ``keep_best``
+                or ``keep_time_interval`` keep. The unversioned checkpoint is never
+                deleted.
+            overwrite: Replace an existing checkpoint of the same name (the latest
+                step, or the unversioned one). If the new save fails, the old one is
+                put back.
+            force: Save even at a step off ``CheckpointOptions.save_interval_steps``.
 
         Returns:
-            The path of the checkpoint folder, or None if the save was skipped because
-            ``on_backpressure="skip"`` and too many saves were pending.
+            The path of the checkpoint folder, or None if nothing was saved: the step
+            is off ``save_interval_steps``, or ``on_backpressure="skip"`` and too many
+            saves were pending.
 
         Raises:
             TypeError: for an unsupported leaf (named by path) or argument type.
             ValueError: for a bad ``step``, ``keep`` or ``metadata`` value.
+            StepOrderError: (a ValueError) if a newer step is committed or pending; it
+                names them. Nothing is written.
             FileExistsError: if the checkpoint exists and ``overwrite`` is False.
             CheckpointPathError: (a ValueError) if ``directory`` is empty, holds a NUL
                 byte or a name too long, or is not valid UTF-8.
@@ -218,22 +231,28 @@ class OrbaxCheckpointHandler:
         # about to start its Orbax work then waits for this capture (on few cores Orbax's
         # Python save path would otherwise take the GIL and CPU from it).
         with _hostcopy.capturing() as capture:
-            return self._save(capture, directory, target, step, metadata, keep, overwrite)
+            return self._save(capture, directory, target, step, metadata, keep, overwrite, force)
 
-    def _save(self, capture, directory, target, step, metadata, keep, overwrite) -> str | None:
+    def _save(self, capture, directory, target, step, metadata, keep, overwrite, force):
         step = _validate.step(step)
         _validate.keep(keep)
         _validate.flag("overwrite", overwrite)
+        _validate.flag("force", force)
         metadata = _validate.metadata(metadata)
+        _retention.metrics(self.options, metadata)  # a bad keep_best metric: before writing
         path = _validate.save_directory(directory)
         name = _layout.step_name(step)
         with self._lock_for(capture):
             self._check_open()
             self._raise_errors()
+            if not (force or step is None or _retention.on_interval(self.options, step)):
+                return None  # off save_interval_steps
             handle = self._handle_for(path)
             try:
                 with self._state:
                     queued = any(p.name == name for p in handle.pending)
+                    pending = [_steps.step_of(p.name) for p in handle.pending]
+                _steps.check_order(path, step, [s for s in pending if s is not None])
                 if not overwrite and (queued or (path / name).exists()):
                     raise CheckpointExistsError(
                         f"{path / name} already exists. Pass overwrite=True to replace it, or "
@@ -364,9 +383,10 @@ class OrbaxCheckpointHandler:
             args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(sums if primary else dict)
         checksums = args.get(_layout.ITEM_CHECKSUMS)
         args = ocp.args.Composite(**args)
-        manager = handle.manager()
+        manager = handle.manager() if step is None else handle.manager(keep)
         path = handle.path / _layout.step_name(step)
         backup = None
+        _steps.check_order(handle.path, step, [])  # another process may have saved since
         committed = _layout.is_committed(path)
         handle.coordinator.barrier("checked")  # every process looked before anything moves
         if committed:
@@ -391,10 +411,12 @@ class OrbaxCheckpointHandler:
                 finally:
                     checkpointer.close()
             else:
-                if backup is not None:
-                    manager.reload()
-                handle.policy.n = keep
-                manager.save(step, args=args, force=True)
+                if backup is not None or manager.all_steps() != _layout.committed_steps(
+                    handle.path
+                ):
+                    manager.reload()  # the disk changed: Orbax retains what is there
+                metrics = _retention.metrics(self.options, metadata)
+                manager.save(step, args=args, force=True, metrics=metrics)
                 manager.wait_until_finished()
         except BaseException:
             if primary:
@@ -427,6 +449,7 @@ class OrbaxCheckpointHandler:
         metadata_only: bool = False,
         verify: bool | None = None,
         fallback: bool = True,
+        partial: bool = False,
     ) -> Any:
         """Restores a checkpoint, after this handler's pending saves to ``directory``.
 
@@ -441,8 +464,9 @@ class OrbaxCheckpointHandler:
             target: None returns the saved tree with its original types. A
                 :class:`~datarax_ckpt.Checkpointable` gets ``set_state`` and is
                 returned; a Flax NNX object is updated in place and returned; any other
-                pytree is rebuilt with the target's structure, each ``jax.Array`` leaf
-                giving the dtype and sharding to restore onto.
+                pytree (an ``nnx.State`` included) is rebuilt with the target's
+                structure, each ``jax.Array`` or ``jax.ShapeDtypeStruct`` leaf giving the
+                dtype and sharding to restore onto (see the guide's "Abstract targets").
             step: None restores the latest step (or the unversioned checkpoint when
                 there are no steps); an int restores exactly ``ckpt-<step>``.
             metadata_only: Return only the metadata dict saved with the checkpoint.
@@ -451,6 +475,9 @@ class OrbaxCheckpointHandler:
                 Checkpoints written without checksums restore unchecked.
             fallback: With ``step=None``, restore the newest intact step when the
                 latest is corrupt or incomplete. False raises instead.
+            partial: Restore only the target's part of the checkpoint: its dicts (and
+                NNX States) may leave out keys, which are then not read. A target key
+                the checkpoint lacks is an error either way.
 
         Returns:
             The restored state, the updated target, or the metadata dict.
@@ -458,7 +485,9 @@ class OrbaxCheckpointHandler:
         Raises:
             FileNotFoundError: if the directory, the step or any checkpoint is missing;
                 the message lists the available steps.
-            StructureMismatchError: (a ValueError) if ``target`` does not match.
+            StructureMismatchError: (a ValueError) if ``target`` does not match (with
+                ``partial``, if it has a leaf the checkpoint lacks).
+            TypeError: if ``target`` is an int (``restore(d, 1)``: use ``step=1``).
             StructureMismatchError: in a multi-process run, if a leaf saved sharded across
                 processes has no target leaf giving the sharding to restore onto.
             CheckpointFormatError: (a ValueError) if the folder is not a datarax_ckpt
@@ -467,19 +496,21 @@ class OrbaxCheckpointHandler:
                 or incomplete (and, for ``step=None``, no older step is intact or
                 ``fallback`` is False); it names the file and the leaves.
         """
+        _validate.target(target)
         step = _validate.step(step)
         _validate.flag("metadata_only", metadata_only)
+        _validate.flag("partial", partial)
         _validate.flag("fallback", fallback)
         verify = self.options.verify_on_restore if verify is None else verify
         _validate.flag("verify", verify)
         path = _validate.directory(directory)
         handle = self._enter(path)
-        # jax.default_device is per thread: the read runs on the directory's worker.
-        device = _snapshot.default_device()
+        # jax.default_device and jax.set_mesh are per thread: the read runs on the worker.
+        context = _restoring.caller_context()
         read = functools.partial(
-            _restoring.read, handle, target, step, metadata_only, verify, fallback
+            _restoring.read, handle, target, step, metadata_only, verify, fallback, partial
         )
-        return handle.run(_restoring.on_device, device, read).result()
+        return handle.run(_restoring.in_context, context, read).result()
 
     def verify(self, directory: PathLike, step: int | None = None) -> _structure.VerifyReport:
         """Re-reads a checkpoint (after pending saves) and checks everything it holds.
@@ -518,25 +549,117 @@ class OrbaxCheckpointHandler:
 
     # ------------------------------------------------------------------ listing
 
-    def get_checkpoint_steps(self, directory: PathLike) -> list[int]:
-        """Sorted steps committed in ``directory`` (after this handler's pending saves).
+    def get_checkpoint_steps(self, directory: PathLike, *, wait: bool = True) -> list[int]:
+        """Sorted steps committed in ``directory``.
 
-        Returns an empty list for a missing directory.
+        Args:
+            directory: The checkpoint directory; a missing one has no steps.
+            wait: True waits for this handler's pending saves first. False lists what
+                is committed now, without stalling a training loop (see
+                :meth:`pending_steps` for the rest).
         """
         path = _validate.directory(directory)
-        self._enter(path).drain()
+        _validate.flag("wait", wait)
+        if wait:
+            self._enter(path).drain()
+        else:
+            self._check_open()
         self._raise_errors()
         return _layout.committed_steps(path)
 
-    def latest_step(self, directory: PathLike) -> int | None:
-        """The newest committed step in ``directory``, or None."""
-        steps = self.get_checkpoint_steps(directory)
+    def latest_step(self, directory: PathLike, *, wait: bool = True) -> int | None:
+        """The newest committed step in ``directory``, or None (``wait`` as in
+        :meth:`get_checkpoint_steps`)."""
+        steps = self.get_checkpoint_steps(directory, wait=wait)
         return steps[-1] if steps else None
 
-    def list_checkpoints(self, directory: PathLike) -> dict[int, str]:
-        """``{step: folder path}`` of the committed steps in ``directory``."""
+    def list_checkpoints(self, directory: PathLike, *, wait: bool = True) -> dict[int, str]:
+        """``{step: folder path}`` of the committed steps in ``directory`` (``wait`` as
+        in :meth:`get_checkpoint_steps`)."""
         path = _validate.directory(directory)
-        return {s: str(path / _layout.step_name(s)) for s in self.get_checkpoint_steps(path)}
+        steps = self.get_checkpoint_steps(path, wait=wait)
+        return {s: str(path / _layout.step_name(s)) for s in steps}
+
+    def pending_steps(self, directory: PathLike) -> list[int]:
+        """Sorted steps this handler has accepted for ``directory`` and not yet committed.
+
+        Never waits. A step leaves this list once committed (then it is listed by
+        ``get_checkpoint_steps(wait=False)``) or failed (its error is raised by the
+        next call).
+        """
+        path = _validate.directory(directory)
+        with self._lock:
+            self._check_open()
+            handle = self._handle_for(path)
+        with self._state:
+            names = [p.name for p in handle.pending if not p.future.done()]
+        return sorted(s for s in map(_steps.step_of, names) if s is not None)
+
+    def should_save(self, directory: PathLike, step: int) -> bool:
+        """True if ``save(directory, ..., step=step)`` would save: ``step`` is above every
+        step committed or pending, and on ``CheckpointOptions.save_interval_steps``
+        (Orbax's ``FixedIntervalPolicy``). Never waits.
+
+        Example:
+            >>> import tempfile
+            >>> from datarax_ckpt import OrbaxCheckpointHandler
+            >>> handler = OrbaxCheckpointHandler(save_interval_steps=100)
+            >>> directory = tempfile.mkdtemp()
+            >>> [s for s in range(0, 301, 50) if handler.should_save(directory, s)]
+            [0, 100, 200, 300]
+            >>> handler.close()
+        """
+        step = _validate.step(step)
+        if step is None:
+            raise TypeError("should_save needs an int step >= 0, got None.")
+        path = _validate.directory(directory)
+        pending = self.pending_steps(path)
+        if not _retention.on_interval(self.options, step, saving=bool(pending)):
+            return False  # decided without listing the directory
+        self._raise_errors()
+        return not (any(s >= step for s in pending) or _steps.committed_above(path, step - 1))
+
+    def rollback(self, directory: PathLike, step: int) -> list[int]:
+        """Deletes every committed step above ``step`` (after this handler's pending saves).
+
+        The way to resume training from an earlier step: :meth:`save` refuses a step
+        below a newer one. Steps are deleted newest first, each leaving the listing with
+        one atomic rename, so a crash midway leaves intact steps up to some step above
+        ``step``; calling ``rollback`` again finishes. In a multi-process run every
+        process calls it.
+
+        Args:
+            directory: The checkpoint directory.
+            step: The step to roll back to; it need not exist. The unversioned
+                checkpoint is never deleted.
+
+        Returns:
+            The deleted steps, sorted.
+
+        Raises:
+            Exception: an error of an earlier background write (nothing is deleted).
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp
+            >>> from datarax_ckpt import OrbaxCheckpointHandler
+            >>> directory = tempfile.mkdtemp()
+            >>> with OrbaxCheckpointHandler() as handler:
+            ...     for s in (1, 2, 3):
+            ...         _ = handler.save(directory, {"w": jnp.ones(2)}, step=s)
+            ...     deleted = handler.rollback(directory, 1)
+            ...     steps = handler.get_checkpoint_steps(directory)
+            >>> deleted, steps
+            ([2, 3], [1])
+        """
+        step = _validate.step(step)
+        if step is None:
+            raise TypeError("rollback needs an int step >= 0, got None.")
+        path = _validate.directory(directory)
+        with self._lock:  # no save of another thread slips in between
+            handle = self._enter(path)
+            handle.drain()
+            self._raise_errors()
+            return handle.run(_steps.rollback, handle, step).result()
 
     # ------------------------------------------------------------------ helpers
 

@@ -61,6 +61,9 @@ _HOOKS = {
     # retention is removing an old step's files (dies before the nth); deletion of old
     # steps is the only caller of os.unlink/os.rmdir in a save
     "retention.unlink": [(os, "unlink", False), (os, "rmdir", False)],
+    # rollback (run alone, see rollback()) is about to change the file system: the trash
+    # folder's creation, each step's rename into it, and each deletion that follows
+    "rollback.fs": [(os, f, False) for f in ("mkdir", "rename", "unlink", "rmdir")],
 }
 POINTS = tuple(_HOOKS)
 
@@ -239,6 +242,14 @@ def train(directory: str, first_step: int, n_steps: int, keep: int, progress: st
     os.close(fd)
 
 
+def rollback(directory: str, step: int, progress: str) -> None:
+    """Rolls ``directory`` back to ``step`` and writes the deleted steps to ``progress``."""
+    with OrbaxCheckpointHandler() as handler:
+        deleted = handler.rollback(directory, step)
+    with open(progress, "w") as f:
+        f.write(json.dumps(deleted))
+
+
 def read_progress(progress: str) -> tuple[set[int], int]:
     """``(issued steps, last durable step or -1)`` from a progress file."""
     issued, durable = set(), -1
@@ -262,13 +273,16 @@ def _run_trial(trial: dict) -> None:
     code = 0
     try:
         arm(trial["point"], trial["nth"], trial["delay_ms"])
-        train(
-            trial["directory"],
-            trial["first_step"],
-            trial["n_steps"],
-            trial["keep"],
-            trial["progress"],
-        )
+        if "rollback_to" in trial:
+            rollback(trial["directory"], trial["rollback_to"], trial["progress"])
+        else:
+            train(
+                trial["directory"],
+                trial["first_step"],
+                trial["n_steps"],
+                trial["keep"],
+                trial["progress"],
+            )
     except BaseException:  # noqa: BLE001 - reported through the exit status and log
         traceback.print_exc()
         code = 1

@@ -209,8 +209,8 @@ def test_a_backup_that_is_not_a_folder_breaks_no_later_save_or_restore(saved, ki
         backup.write_text("junk")
     with OrbaxCheckpointHandler() as handler:
         _same(handler.restore(directory), _state(2))
-        handler.save(directory, _state(3), step=3)
         handler.save(directory, _state(9), step=2, overwrite=True)  # moves ckpt-2 aside
+        handler.save(directory, _state(3), step=3)  # (only the latest step is overwritten)
         assert handler.get_checkpoint_steps(directory) == [1, 2, 3]
         _same(handler.restore(directory, step=2), _state(9))
     assert _tree(outside) == before
