@@ -253,7 +253,7 @@ class OrbaxCheckpointHandler:
                     queued = any(p.name == name for p in handle.pending)
                     pending = [_steps.step_of(p.name) for p in handle.pending]
                 _steps.check_order(path, step, [s for s in pending if s is not None])
-                if not overwrite and (queued or (path / name).exists()):
+                if not overwrite and (queued or _layout.exists(path / name)):
                     raise CheckpointExistsError(
                         f"{path / name} already exists. Pass overwrite=True to replace it, or "
                         "save under a new step."

@@ -45,6 +45,12 @@ def is_committed(path: epath.Path) -> bool:
     return path.is_dir() and ocp.step.is_path_finalized(path)
 
 
+def exists(path: epath.Path) -> bool:
+    """True when a checkpoint is at ``path``. On ``s3://`` a step is written in place, so
+    a prefix without the commit marker is a killed save (Orbax replaces it), not one."""
+    return is_committed(path) if _s3.is_s3(path) else path.exists()
+
+
 @dataclasses.dataclass(frozen=True)
 class CkptNameFormat(ocp.step.NameFormat):
     """Orbax ``NameFormat`` naming steps ``ckpt-<step>`` (uncommitted folders ignored)."""

@@ -1,14 +1,23 @@
 """Checkpoints on S3-compatible object storage, against a real S3 server (moto, loopback)."""
 
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import boto3
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _s3_child import make_state as make_child_state
 from _trees import assert_identical
 
 from datarax_ckpt import CheckpointPathError, OrbaxCheckpointHandler
+
+CHILD = Path(__file__).with_name("_s3_child.py")
 
 
 def make_state(seed=0):
@@ -131,3 +140,43 @@ def test_path_without_bucket_is_refused(s3_server):
     with OrbaxCheckpointHandler() as handler:
         with pytest.raises(CheckpointPathError, match="names no bucket"):
             handler.save("s3://", make_state(1), step=1)
+
+
+def saved(progress: Path) -> int:
+    return len(progress.read_text().split()) if progress.exists() else 0
+
+
+def test_kill_at_random_moments_leaves_the_previous_step_restorable(s3_dir, tmp_path):
+    """A writer saving every step (keep=2) is SIGKILLed at random moments, three times."""
+    rng = random.Random(0)
+    latest = None
+    for trial in range(3):
+        progress = tmp_path / f"progress-{trial}"
+        first = 0 if latest is None else latest + 1
+        child = subprocess.Popen(
+            [sys.executable, str(CHILD), s3_dir, str(first), str(progress)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        # Three saves enqueued: the first is committed (at most two saves are pending).
+        while saved(progress) < 3 and time.monotonic() < deadline:
+            assert child.poll() is None, "the training child died before its first save"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))  # capture, TensorStore writes, commit, retention
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        with OrbaxCheckpointHandler() as handler:
+            steps = handler.get_checkpoint_steps(s3_dir)
+            assert steps, f"trial {trial}: no committed step after the kill"
+            if latest is not None:  # the step restorable before the kill still is, or a newer one
+                assert steps[-1] >= latest
+            for step in steps:
+                assert_identical(handler.restore(s3_dir, step=step), make_child_state(step))
+            assert_identical(handler.restore(s3_dir), make_child_state(steps[-1]))
+        latest = steps[-1]
+    with OrbaxCheckpointHandler() as handler:  # the next writer cleans every unmarked step
+        handler.save(s3_dir, make_child_state(latest + 1), step=latest + 1, keep=2)
+    folders = {k.split("/")[0] for k in objects(s3_dir)}
+    marked = {k.split("/")[0] for k in objects(s3_dir) if k.endswith("/commit_success.txt")}
+    assert folders == marked == {f"ckpt-{latest}", f"ckpt-{latest + 1}"}
