@@ -17,7 +17,7 @@ from datarax_ckpt import OrbaxCheckpointHandler, demo
 SCRIPT = pathlib.Path(sys.executable).with_name("datarax-ckpt")
 
 
-def cli(*args, stdin="", columns="200"):
+def cli(*args, stdin="", columns="200", cwd=None):
     """Runs the console script with its output piped; ``columns=None`` leaves COLUMNS unset."""
     env = {**os.environ, "COLUMNS": columns, "NO_COLOR": "1", "TERM": "dumb"}
     if columns is None:
@@ -28,7 +28,8 @@ def cli(*args, stdin="", columns="200"):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,
+        cwd=cwd,
     )
     return result.returncode, result.stdout, result.stderr
 
@@ -195,3 +196,15 @@ def test_a_raw_orbax_run_is_recognised_imported_and_exported(tmp_path):
     assert ocp.StandardCheckpointer().restore(exported)["w"].tolist() == [10.0] * 4
     code, _, err = cli("export", ours, tmp_path / "x", "--format", "npz")
     assert code == 2 and "--format must be one of orbax, safetensors" in err
+
+
+def test_bench_runs_the_smoke_config_by_default_quietly(tmp_path):
+    code, out, err = cli("bench", "--out", tmp_path / "results", cwd=tmp_path)  # not the checkout
+    assert code == 0, err
+    assert out.strip() == f"Results in {tmp_path / 'results'}/results.md"
+    progress = [line for line in err.splitlines() if not line.startswith("[")]
+    assert progress == [], progress  # no absl, no Orbax, no JAX warnings between progress lines
+    report = (tmp_path / "results" / "results.md").read_text()
+    assert "cpu-smoke.toml" in report and "peak process RSS" in report
+    if (pathlib.Path(__file__).parent.parent / ".git").exists():
+        assert "repository at git unknown" not in report
