@@ -49,13 +49,15 @@ def export(
     doc = json.loads((path / _interop.EXPORT_FILE).read_text())
     arrays = "model.safetensors" if fmt == "safetensors" else "plain Orbax"
     out.print(
-        f"Exported step {doc['step']} of {escape(str(directory))} to {escape(str(path))} "
+        f"Exported step {doc['step']} of {escape(str(directory))} to {escape(str(out_dir))} "
         f"({arrays}; {len(doc['leaves'])} leaves described in {_interop.EXPORT_FILE}).",
         soft_wrap=True,
     )
     if fmt == "orbax":
         out.print(
-            f"Read it with: ocp.StandardCheckpointer().restore({str(path)!r})", soft_wrap=True
+            # Orbax wants an absolute path.
+            f"Read it with: ocp.StandardCheckpointer().restore({str(path)!r})",
+            soft_wrap=True,
         )
 
 
