@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -52,11 +53,21 @@ DirArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead.")]
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C, raised past click, which would report KeyboardInterrupt as status 1."""
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    raise _Interrupted
+
+
 def main() -> None:
     """Entry point of the ``datarax-ckpt`` console script."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
-    except KeyboardInterrupt:
+    except _Interrupted:
         err.print("Interrupted.")
         sys.exit(EXIT_INTERRUPTED)
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -208,3 +209,23 @@ def test_bench_runs_the_smoke_config_by_default_quietly(tmp_path):
     assert "cpu-smoke.toml" in report and "peak process RSS" in report
     if (pathlib.Path(__file__).parent.parent / ".git").exists():
         assert "repository at git unknown" not in report
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}
+    args = ["demo", "--steps", "1000000", "--crash-at", "500000", "--width", "64"]
+    process = subprocess.Popen(
+        [str(SCRIPT), *args, "--dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout.readline().startswith("datarax_ckpt demo")  # it is running
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert err.strip() == "Interrupted."
