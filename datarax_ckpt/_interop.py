@@ -52,7 +52,8 @@ def export_orbax(
     Packed leaves come out one by one; typed PRNG keys as their ``uint32`` key data.
     ``out/datarax_export.json`` records what is not an array (strings, bytes, Python
     scalars, None, zero-size arrays), the impl of each key and the user metadata, by
-    the same dotted names. Tuples come back as lists and dict keys as strings.
+    the same dotted names. Tuples come back as lists and dict keys as strings; a state
+    that is a single leaf is exported under the name ``value``.
 
     Args:
         directory: The datarax_ckpt checkpoint directory.
@@ -94,6 +95,8 @@ def export_orbax(
             step = handler.latest_step(directory)
         state = handler.restore(directory, step=step, verify=True, fallback=False)
         metadata = handler.restore(directory, step=step, metadata_only=True)
+    if not isinstance(state, dict | list | tuple):
+        state = {"value": state}  # Orbax saves containers: a lone leaf gets a name
     arrays: dict[str, np.ndarray] = {}
     leaves: dict[str, dict] = {}
     tree = _split(state, [], arrays, leaves)

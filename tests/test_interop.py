@@ -266,3 +266,10 @@ def test_import_refuses_what_it_cannot_bring(tmp_path):
         manager.save(1, args=ocp.args.StandardSave({"w": jnp.ones(2)}))
     with pytest.raises(CheckpointExistsError, match="already holds checkpoints"):
         import_orbax(tmp_path / "raw", tmp_path / "ours")
+
+
+def test_a_state_that_is_one_array_exports_under_value(tmp_path):
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path / "run", jnp.arange(3.0), step=1)
+    out = export_orbax(tmp_path / "run", tmp_path / "exported")
+    assert ocp.StandardCheckpointer().restore(out)["value"].tolist() == [0.0, 1.0, 2.0]
