@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from datarax_ckpt import _layout
+from datarax_ckpt import _layout, _nnx
 from datarax_ckpt._errors import (
     CheckpointExistsError,
     CheckpointFormatError,
@@ -52,8 +53,9 @@ def export_orbax(
     Packed leaves come out one by one; typed PRNG keys as their ``uint32`` key data.
     ``out/datarax_export.json`` records what is not an array (strings, bytes, Python
     scalars, None, zero-size arrays), the impl of each key and the user metadata, by
-    the same dotted names. Tuples come back as lists and dict keys as strings; a state
-    that is a single leaf is exported under the name ``value``.
+    the same dotted names. Tuples come back as lists, dict keys as strings, Flax NNX
+    models, States and Variables as nested dicts of their values, and a function leaf
+    (not stored) as None; a state that is a single leaf is exported under ``value``.
 
     Args:
         directory: The datarax_ckpt checkpoint directory.
@@ -146,7 +148,9 @@ def _safetensors() -> Any:
 
 def _split(x: Any, keys: list[str], arrays: dict, leaves: dict) -> Any:
     """The tree with arrays as numpy and every other leaf None (recorded in ``leaves``)."""
-    if isinstance(x, dict):
+    if _nnx.is_variable(x):  # an NNX Variable (restored as saved): its value, at its path
+        return _split(_nnx.target_value(x), keys, arrays, leaves)
+    if isinstance(x, Mapping):  # dicts and nnx.State
         return {str(k): _split(v, [*keys, str(k)], arrays, leaves) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_split(v, [*keys, str(i)], arrays, leaves) for i, v in enumerate(x)]

@@ -273,3 +273,19 @@ def test_a_state_that_is_one_array_exports_under_value(tmp_path):
         handler.save(tmp_path / "run", jnp.arange(3.0), step=1)
     out = export_orbax(tmp_path / "run", tmp_path / "exported")
     assert ocp.StandardCheckpointer().restore(out)["value"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_flax_nnx_model_and_optimizer_export_as_nested_arrays(tmp_path):
+    from datarax_ckpt import demo
+
+    model, optimizer, data = demo.fresh(8, 0)
+    state = {"model": model, "optimizer": optimizer, "data": data}
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path / "run", state, step=1)
+    out = export_orbax(tmp_path / "run", tmp_path / "exported")
+    arrays = ocp.StandardCheckpointer().restore(out)
+    kernel = arrays["model"]["hidden"]["kernel"]
+    assert kernel.tobytes() == np.asarray(model.hidden.kernel[...]).tobytes()
+    opt_state = arrays["optimizer"]["opt_state"]["0"]  # NNX holds optax's tuple as {0: ...}
+    mu = opt_state["mu"]["hidden"]["kernel"]
+    assert mu.shape == (8, 8) and arrays["data"]["position"] is None  # an int: in the JSON
