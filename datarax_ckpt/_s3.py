@@ -193,6 +193,13 @@ def copy_step(src: epath.Path, dst: epath.Path) -> None:
     fs.invalidate_cache()
 
 
+def size(path: epath.Path) -> int:
+    """Total bytes of the objects under a folder."""
+    import fsspec
+
+    return int(fsspec.filesystem("s3").du(str(path)[len(SCHEME) :].rstrip("/")))
+
+
 def move_step(src: epath.Path, dst: epath.Path) -> None:
     """:func:`copy_step`, then :func:`delete_step` of the source (marker first)."""
     copy_step(src, dst)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from datarax_ckpt import _integrity, _layout, _structure
+from datarax_ckpt import _integrity, _layout, _s3, _structure
 
 EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
 EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
@@ -46,9 +46,21 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
+
+def _directory_arg(value: str) -> Path:
+    """A local path, or an ``s3://``/``gs://`` URL kept whole (pathlib would merge ``//``)."""
+    if _s3.is_s3(value):
+        _s3.check_path(value)  # also teaches Orbax's TensorStore specs s3://
+    return epath.Path(value) if "://" in value else Path(value)
+
+
 DirArg = Annotated[
     Path,
-    typer.Argument(metavar="DIR", help="The checkpoint directory (holding ckpt-<step>/ folders)."),
+    typer.Argument(
+        metavar="DIR",
+        parser=_directory_arg,
+        help="The checkpoint directory (holding ckpt-<step>/ folders); may be s3://bucket/prefix.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead.")]
 
@@ -177,6 +189,8 @@ def _pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
 
 
 def _size(folder: Path) -> int:
+    if _s3.is_s3(folder):
+        return _s3.size(folder)
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
@@ -440,6 +454,10 @@ def rm(
     if not yes and not _confirm(f"Delete {folder} ({_human(_size(folder))})?"):
         err.print("Cancelled; nothing deleted.")
         raise typer.Exit(EXIT_CANCELLED)
+    if _s3.is_s3(directory):  # no rename: the commit marker goes first, then the rest
+        _layout.discard(folder)
+        out.print(f"Deleted {escape(str(folder))}.")
+        return
     trash = directory / _layout.TRASH
     trash.mkdir(exist_ok=True)
     moved = trash / f"{label}.{uuid.uuid4().hex[:8]}"

@@ -180,3 +180,29 @@ def test_kill_at_random_moments_leaves_the_previous_step_restorable(s3_dir, tmp_
     folders = {k.split("/")[0] for k in objects(s3_dir)}
     marked = {k.split("/")[0] for k in objects(s3_dir) if k.endswith("/commit_success.txt")}
     assert folders == marked == {f"ckpt-{latest}", f"ckpt-{latest + 1}"}
+
+
+def cli(*args):
+    script = Path(sys.executable).with_name("datarax-ckpt")
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    result = subprocess.run(
+        [str(script), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_cli_ls_show_verify_rm_on_s3(s3_dir):
+    with OrbaxCheckpointHandler() as handler:
+        for step in (1, 2):
+            handler.save(s3_dir, make_state(step), step=step, metadata={"epoch": step})
+    code, out, err = cli("ls", s3_dir)
+    assert code == 0, err
+    assert out.count("intact") == 2 and "epoch=1" in out and "epoch=2" in out
+    code, out, err = cli("show", s3_dir, "--step", "2")
+    assert code == 0, err
+    assert "['big']" in out and "epoch" in out
+    code, out, err = cli("verify", s3_dir, "--step", "1")
+    assert code == 0, out + err
+    code, out, err = cli("rm", s3_dir, "--step", "1", "--yes")
+    assert code == 0, err
+    assert {k.split("/")[0] for k in objects(s3_dir)} == {"ckpt-2"}
