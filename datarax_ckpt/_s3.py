@@ -123,7 +123,12 @@ def install() -> None:
     # etils.epath and this module share fsspec's one cached S3 filesystem (no options).
     import fsspec
 
-    fs = fsspec.filesystem("s3")
+    try:
+        fs = fsspec.filesystem("s3")
+    except ImportError as e:
+        raise ImportError(
+            "s3:// checkpoint directories need s3fs: pip install 'datarax_ckpt[s3]'."
+        ) from e
     fs.dircache.use_listings_cache = False
     fs.dircache.clear()
 
