@@ -115,17 +115,22 @@ class Directory:
                 self._manager.close()
                 self._manager = None
         if self._manager is None:
+            s3 = _s3.is_s3(self.path)
+            cleanup = self.options.cleanup_tmp_directories
             if _multihost.is_primary():
                 _layout.recover(self.path)
+                if s3 and cleanup:
+                    _layout.remove_unmarked(self.path)
             self.coordinator.barrier("recovered")  # the others wait for process 0's repairs
-            s3 = _s3.is_s3(self.path)
             self._manager = ocp.CheckpointManager(
                 self.path,
                 options=ocp.CheckpointManagerOptions(
                     step_name_format=_layout.NAME_FORMAT,
                     **_retention.manager_options(self.options, self.keep),
                     create=False,
-                    cleanup_tmp_directories=self.options.cleanup_tmp_directories,
+                    # On s3:// Orbax's cleanup deletes every unmarked folder; ours above
+                    # only the library's own.
+                    cleanup_tmp_directories=cleanup and not s3,
                     enable_async_checkpointing=True,
                     # Atomic removal (see _layout.TRASH); object stores cannot rename.
                     todelete_subdir=None if s3 else _layout.TRASH,

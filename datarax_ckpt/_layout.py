@@ -206,6 +206,19 @@ def _delete(path: epath.Path) -> None:
         logger.debug("Could not delete %s yet: %s", path, e)
 
 
+def remove_unmarked(directory: epath.Path) -> None:
+    """``s3://``: deletes ``ckpt-<step>/`` and ``checkpoint/`` prefixes without a commit
+    marker (killed saves or deletions), and nothing else. Orbax's own cleanup would
+    delete every unmarked folder under the directory, a user's ``logs/`` included."""
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        name = child.name
+        if (_STEP_RE.match(name) or name == UNVERSIONED) and not is_committed(child):
+            logger.info("Removing %s: a save or deletion that did not finish.", child)
+            _s3.delete_step(child)
+
+
 def recover(directory: epath.Path) -> None:
     """Finishes or undoes overwrites interrupted by a crash, and finishes deletions.
 

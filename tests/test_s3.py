@@ -206,3 +206,13 @@ def test_cli_ls_show_verify_rm_on_s3(s3_dir):
     code, out, err = cli("rm", s3_dir, "--step", "1", "--yes")
     assert code == 0, err
     assert {k.split("/")[0] for k in objects(s3_dir)} == {"ckpt-2"}
+
+
+def test_other_prefixes_under_the_directory_are_left_alone(s3_dir):
+    bucket, _, run = s3_dir[len("s3://") :].partition("/")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    client.put_object(Bucket=bucket, Key=f"{run}/logs/events.txt", Body=b"loss=1.0")
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(s3_dir, make_state(1), step=1)
+        handler.save(s3_dir, make_state(2), step=2, keep=1)
+    assert {k.split("/")[0] for k in objects(s3_dir)} == {"ckpt-2", "logs"}
