@@ -9,7 +9,7 @@ from moto.server import ThreadedMotoServer
 # Fake credentials and a region: moto accepts any; the AWS clients need them to sign.
 ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-logged",
     "AWS_SESSION_TOKEN": "testing",
     "AWS_REGION": "us-east-1",
     "AWS_DEFAULT_REGION": "us-east-1",

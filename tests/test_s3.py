@@ -1,5 +1,7 @@
 """Checkpoints on S3-compatible object storage, against a real S3 server (moto, loopback)."""
 
+import json
+import logging
 import os
 import random
 import signal
@@ -216,3 +218,19 @@ def test_other_prefixes_under_the_directory_are_left_alone(s3_dir):
         handler.save(s3_dir, make_state(1), step=1)
         handler.save(s3_dir, make_state(2), step=2, keep=1)
     assert {k.split("/")[0] for k in objects(s3_dir)} == {"ckpt-2", "logs"}
+
+
+def test_specs_carry_the_endpoint_and_logs_never_a_secret(s3_dir, caplog, capfd):
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    caplog.set_level(logging.DEBUG)
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(s3_dir, make_state(1), step=1)
+        handler.restore(s3_dir)
+    spec = ts_utils.build_kvstore_tspec(f"{s3_dir}/ckpt-1/state", use_ocdbt=True)
+    assert spec["base"]["driver"] == "s3"
+    assert spec["base"]["endpoint"] == os.environ["AWS_ENDPOINT_URL"]
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    captured = capfd.readouterr()
+    for text in (json.dumps(spec), caplog.text, captured.out, captured.err):
+        assert secret not in text
