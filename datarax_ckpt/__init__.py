@@ -8,6 +8,7 @@ from datarax_ckpt._errors import CheckpointFormatError as CheckpointFormatError
 from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
+from datarax_ckpt._errors import WriterConflictError as WriterConflictError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
 from datarax_ckpt._structure import Problem as Problem
 from datarax_ckpt._structure import VerifyReport as VerifyReport
@@ -35,5 +36,6 @@ __all__ = [
     "PyTree",
     "StructureMismatchError",
     "VerifyReport",
+    "WriterConflictError",
     "serialization",
 ]

@@ -18,6 +18,7 @@ from etils import epath
 
 from datarax_ckpt import (
     _directory,
+    _follow,
     _hostcopy,
     _integrity,
     _layout,
@@ -69,8 +70,11 @@ class OrbaxCheckpointHandler:
     (and of different handlers) run one at a time, because Orbax's asynchronous save
     machinery is not safe to run twice at once in one process. Multi-process-safe
     when every process makes the same calls (Orbax coordinates through
-    ``jax.distributed``). NOT safe for two handlers
-    (or two jobs) writing to the same directory at once.
+    ``jax.distributed``). One writer per directory, enforced: the first ``save()`` to a
+    directory locks it until :meth:`close`, and a save by another handler or process
+    raises :class:`~datarax_ckpt.WriterConflictError`. Any number of readers (restore,
+    verify, listing, :meth:`follow`, even in other processes) may run beside the writer;
+    they create, move and delete nothing (``docs/reliability.md``).
 
     Multi-process runs (after ``jax.distributed.initialize``): every process calls
     ``save``, ``restore`` and ``verify`` with the same directory and arguments, each
@@ -197,6 +201,8 @@ class OrbaxCheckpointHandler:
             TypeError: for an unsupported leaf (named by path) or argument type.
             ValueError: for a bad ``step``, ``keep`` or ``metadata`` value.
             FileExistsError: if the checkpoint exists and ``overwrite`` is False.
+            WriterConflictError: if another live handler (in this process or another)
+                is writing ``directory``; it names that writer's host and pid.
             NotADirectoryError: if ``directory`` is a file.
             ProcessMismatchError: (a ValueError, multi-process runs) if the processes
                 passed different non-array data; it names the leaves. No process saves.
@@ -236,6 +242,7 @@ class OrbaxCheckpointHandler:
                     pool=handle.pool,
                 )
                 capture.end()
+                handle.claim()  # one writer per directory; after the checks, before writing
                 nbytes = _snapshot.nbytes(arrays)
                 room = self._make_room(handle, nbytes)
             except Exception as e:
@@ -515,6 +522,51 @@ class OrbaxCheckpointHandler:
         """``{step: folder path}`` of the committed steps in ``directory``."""
         path = _validate.directory(directory)
         return {s: str(path / _layout.step_name(s)) for s in self.get_checkpoint_steps(path)}
+
+    def follow(
+        self,
+        directory: PathLike,
+        *,
+        after: int | None = None,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+    ) -> Iterator[int]:
+        """Yields each committed step of ``directory`` as it appears, in increasing order.
+
+        For an evaluation job beside a training job (another process) writing the
+        directory. Only reads: it never waits for this handler's own saves and never
+        blocks the writer. A step that retention deleted before ``follow`` looked is
+        not yielded; one deleted after it was yielded raises
+        :class:`~datarax_ckpt.CheckpointNotFoundError` on ``restore(step=...)``.
+
+        Args:
+            directory: The checkpoint directory; it need not exist yet.
+            after: Yield only steps above it; None yields every step on disk first.
+            timeout: End after this many seconds without a new step; None never ends.
+            poll_interval: Seconds between looks after a new step; while none comes the
+                wait doubles, up to 16 times this. Each look is one directory listing.
+
+        Returns:
+            An iterator of step numbers.
+
+        Raises:
+            TypeError, ValueError: for a bad argument (checked at the call).
+            RuntimeError: if the handler is closed while following.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp
+            >>> from datarax_ckpt import OrbaxCheckpointHandler
+            >>> directory = tempfile.mkdtemp()
+            >>> with OrbaxCheckpointHandler() as handler:
+            ...     _ = handler.save(directory, {"w": jnp.ones(3)}, step=1)
+            ...     handler.wait_until_finished()
+            ...     list(handler.follow(directory, timeout=0))
+            [1]
+        """
+        path = _validate.directory(directory)
+        _follow.check_args(after, timeout, poll_interval)
+        self._check_open()
+        return _follow.follow(path, after, timeout, poll_interval, self._check_open)
 
     # ------------------------------------------------------------------ helpers
 
