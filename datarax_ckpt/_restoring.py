@@ -83,7 +83,7 @@ def _stable(folder: epath.Path, fn, *args, failed=lambda result: False) -> Any:
     return result
 
 
-def _deleted(path: epath.Path, step: int, cause: _Vanished) -> CheckpointNotFoundError:
+def _deleted(path: epath.Path, step: int) -> CheckpointNotFoundError:
     error = missing_step(path, step, _layout.committed_steps(path))
     error.add_note(f"ckpt-{step} was deleted (or replaced) while it was being read.")
     return error
@@ -112,7 +112,8 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
             return _read_listed(handle, steps, target, step, metadata_only, verify, fallback)
         except _Vanished as e:
             if step is not None:
-                raise _deleted(path, step, e) from e.__cause__
+                raise _deleted(path, step) from e.__cause__
+            logger.debug("%s was deleted while being read; listing %s again.", e, path)
     raise _too_fast(path, steps)
 
 
@@ -232,5 +233,6 @@ def verify(handle: _directory.Directory, step: int | None) -> _structure.VerifyR
             return _stable(folder, check, failed=lambda report: not report.ok)
         except _Vanished as e:
             if step is not None:
-                raise _deleted(path, step, e) from e.__cause__
+                raise _deleted(path, step) from e.__cause__
+            logger.debug("%s was deleted while being verified; listing %s again.", e, path)
     raise _too_fast(path, steps)
