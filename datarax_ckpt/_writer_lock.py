@@ -85,7 +85,9 @@ def acquire(directory: epath.Path) -> WriterLock | None:
     while True:
         try:
             os.makedirs(os.fspath(directory), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Held open read-only (flock needs no write access): a file open for writing
+            # would keep its file system from being remounted read-only.
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             logger.debug("No writer lock for %s: %s", directory, e)
             return None
@@ -105,8 +107,11 @@ def acquire(directory: epath.Path) -> WriterLock | None:
             break
         os.close(fd)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
+    try:
+        with open(path, "w") as f:
+            f.write(json.dumps(record))
+    except OSError as e:  # the message of a refused writer then lacks host and pid
+        logger.debug("Could not record the writer in %s: %s", path, e)
     return WriterLock(path, fd)
 
 
