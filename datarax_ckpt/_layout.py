@@ -67,9 +67,28 @@ class CkptNameFormat(ocp.step.NameFormat):
 NAME_FORMAT = CkptNameFormat()
 
 
+def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
+    """``{step: folder}`` of the committed steps, ascending; reads only (for readers).
+
+    A step whose overwrite is in progress, or was interrupted by a crash, is read from
+    its committed backup: that is what :func:`recover` puts back, and readers never
+    recover (only the directory's writer changes it, see ``_writer_lock``).
+    """
+    directory = epath.Path(directory)
+    folders = {m.step: m.path for m in NAME_FORMAT.find_all(directory)}
+    for child in directory.iterdir() if directory.is_dir() else ():
+        match = _BACKUP_RE.match(child.name)
+        if match is None or match.group(1) == UNVERSIONED:
+            continue
+        step = int(match.group(1)[len(STEP_PREFIX) :])
+        if step not in folders and is_committed(child):
+            folders[step] = child
+    return dict(sorted(folders.items()))
+
+
 def committed_steps(directory: epath.Path) -> list[int]:
-    """Sorted steps whose ``ckpt-<step>`` folder is committed."""
-    return sorted(m.step for m in NAME_FORMAT.find_all(directory))
+    """Sorted committed steps (see :func:`step_folders`)."""
+    return list(step_folders(directory))
 
 
 def backup_path(path: epath.Path) -> epath.Path:

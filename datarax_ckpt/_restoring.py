@@ -107,18 +107,18 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
     if not path.is_dir():
         raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
     for _ in range(ATTEMPTS):
-        steps = _layout.committed_steps(path)
+        folders = _layout.step_folders(path)
         try:
-            return _read_listed(handle, steps, target, step, metadata_only, verify, fallback)
+            return _read_listed(handle, folders, target, step, metadata_only, verify, fallback)
         except _Vanished as e:
             if step is not None:
                 raise _deleted(path, step) from e.__cause__
             logger.debug("%s was deleted while being read; listing %s again.", e, path)
-    raise _too_fast(path, steps)
+    raise _too_fast(path, list(folders))
 
 
-def _read_listed(handle, steps, target, step, metadata_only, verify, fallback) -> Any:
-    path = handle.path
+def _read_listed(handle, folders, target, step, metadata_only, verify, fallback) -> Any:
+    path, steps = handle.path, list(folders)
     if step is None and not steps:
         unversioned = path / _layout.UNVERSIONED
         if not _layout.is_committed(unversioned):
@@ -133,7 +133,7 @@ def _read_listed(handle, steps, target, step, metadata_only, verify, fallback) -
         raise missing_step(path, step, steps)
     failures: list[tuple[int, CheckpointCorruptedError]] = []
     for candidate in [step] if step is not None else steps[::-1]:
-        folder = path / _layout.step_name(candidate)
+        folder = folders[candidate]
         try:
             args = (handle, folder, target, metadata_only, verify)
             restored = _stable(folder, _read_items, *args)
@@ -218,7 +218,8 @@ def verify(handle: _directory.Directory, step: int | None) -> _structure.VerifyR
     if not path.is_dir():
         raise CheckpointNotFoundError(f"Checkpoint directory {path} does not exist.")
     for _ in range(ATTEMPTS):
-        steps = _layout.committed_steps(path)
+        folders = _layout.step_folders(path)
+        steps = list(folders)
         if step is None and not steps:
             folder = path / _layout.UNVERSIONED  # verify reports it even if uncommitted
             if not folder.exists():
@@ -226,7 +227,7 @@ def verify(handle: _directory.Directory, step: int | None) -> _structure.VerifyR
             return _integrity.verify(folder, item_handlers=handle.item_handlers())
         if step is not None and step not in steps:
             raise missing_step(path, step, steps)
-        folder = path / _layout.step_name(steps[-1] if step is None else step)
+        folder = folders[steps[-1] if step is None else step]
         try:
             handlers = handle.item_handlers()
             check = functools.partial(_integrity.verify, folder, item_handlers=handlers)

@@ -128,7 +128,9 @@ def test_readers_create_move_and_delete_nothing_and_the_writer_cleans_up(tmp_pat
     with OrbaxCheckpointHandler() as handler:
         for step in (1, 2):
             handler.save(tmp_path, make_state(step), step=step)
-    # What a killed writer leaves: a half-written step, a step half-moved to the trash.
+    # What a killed writer leaves: an overwrite of step 2 interrupted after moving the old
+    # step aside, a half-written step, a step half-moved to the trash.
+    (tmp_path / "ckpt-2").rename(tmp_path / "ckpt-2.datarax-backup")
     (tmp_path / "ckpt-3.orbax-checkpoint-tmp-1234").mkdir()
     (tmp_path / "ckpt-3.orbax-checkpoint-tmp-1234" / "part").write_bytes(b"x" * 100)
     (tmp_path / ".datarax-trash" / "ckpt-0").mkdir(parents=True)
@@ -141,8 +143,9 @@ def test_readers_create_move_and_delete_nothing_and_the_writer_cleans_up(tmp_pat
         assert reader.get_checkpoint_steps(tmp_path) == [1, 2]
         assert list(reader.follow(tmp_path, timeout=0)) == [1, 2]
     assert _tree(tmp_path) == before
-    with OrbaxCheckpointHandler() as writer:
+    with OrbaxCheckpointHandler() as writer:  # puts step 2 back, removes the rest
         writer.save(tmp_path, make_state(4), step=4)
+        assert same(writer.restore(tmp_path, step=2), make_state(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-1", "ckpt-2", "ckpt-4"]
 
 
