@@ -101,6 +101,8 @@ def restore_loop(directory: Path, result: dict, n_steps: int) -> None:
             except CheckpointNotFoundError as e:
                 assert f"step {steps[0]}" in str(e) and "Available steps" in str(e), e
                 result["not_found"] += 1
+                if any("while it was being read" in n for n in getattr(e, "__notes__", ())):
+                    result["deleted_mid_read"] += 1
 
 
 def follow_loop(directory: Path, result: dict, n_steps: int) -> None:
@@ -179,7 +181,16 @@ def main() -> None:
         "statuses": {},
         "yields": [],
         **dict.fromkeys(
-            ["saves", "restores", "restores_of_listed", "not_found", "verifies", "listings"], 0
+            [
+                "saves",
+                "restores",
+                "restores_of_listed",
+                "not_found",
+                "deleted_mid_read",
+                "verifies",
+                "listings",
+            ],
+            0,
         ),
     }
     (directory.parent / f"ready-{role}").touch()
