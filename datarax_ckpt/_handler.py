@@ -390,7 +390,7 @@ class OrbaxCheckpointHandler:
                 manager.reload()
             raise
         if backup is not None and primary:
-            backup.rmtree()
+            _layout.discard(backup)  # renamed away first: a reader may be reading it
         if primary:
             _layout.empty_trash(handle.path)
         handle.coordinator.barrier("committed")  # listing on any process now sees it

@@ -161,7 +161,7 @@ def recover(directory: epath.Path) -> None:
         original = directory / match.group(1)
         remove_partial(directory, original.name)
         if is_committed(original):
-            child.rmtree()
+            discard(child)  # renamed away first: a reader may be reading it
         else:
             logger.warning("Restoring %s from its backup after an interrupted overwrite.", original)
             put_back(original, child)

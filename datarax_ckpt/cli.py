@@ -176,7 +176,7 @@ def _status(
     if ".orbax-checkpoint-tmp" in label:
         if writer is not None:
             who = escape(_writer_lock.describe(writer))
-            return "pending", f"[cyan]pending (being written by {who})[/]"
+            return "pending", f"[cyan]pending[/] (writer: {who})"
         return "incomplete", "[yellow]incomplete (unfinished save)[/]"
     if structure.problems:
         first = structure.problems[0]
@@ -247,6 +247,7 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
         table.add_column(name, justify=justify, no_wrap=name != "metadata")
     for r in rows:
         step = str(r["step"]) if r["step"] is not None else r["name"]
+        step = step.split(".orbax-checkpoint-tmp")[0].removeprefix(_layout.STEP_PREFIX)
         table.add_row(
             step, r["written"], _human(r["bytes"]), r["_rich"], escape(_summary(r["metadata"]))
         )
