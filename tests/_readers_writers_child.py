@@ -64,7 +64,8 @@ def writer(directory: Path, result: dict, n_steps: int) -> None:
     with OrbaxCheckpointHandler() as handler:
         for step in range(n_steps):
             time.sleep(0.02)  # the training step
-            handler.save(directory, make_state(step), step=step, keep=KEEP, metadata={"s": step})
+            keep = int(os.environ.get("RW_KEEP", KEEP))
+            handler.save(directory, make_state(step), step=step, keep=keep, metadata={"s": step})
             result["saves"] += 1
         handler.wait_until_finished()
         result["final_steps"] = handler.get_checkpoint_steps(directory)

@@ -85,6 +85,22 @@ def test_a_training_job_and_three_evaluation_jobs_share_a_directory(tmp_path):
     ]
 
 
+def test_restoring_the_latest_step_while_retention_deletes_it_reads_the_new_latest(tmp_path):
+    directory = tmp_path / "run"
+    reader = _start("restore", directory)
+    writer = _start("writer", directory, RW_READERS="1", RW_KEEP="1")  # keep=1: every
+    results = {}  # commit deletes the step a reader of the latest may be reading
+    for role, process in (("writer", writer), ("restore", reader)):
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{role} exited with {process.returncode}:\n{err}"
+        results[role] = json.loads((tmp_path / f"{role}.json").read_text())
+    print("keep=1 counts:", {k: v for k, v in results["restore"].items() if isinstance(v, int)})
+    assert results["writer"]["errors"] == [] and results["writer"]["final_steps"] == [N_STEPS - 1]
+    restore = results["restore"]
+    assert restore["errors"] == [] and restore["wrong"] == [] and restore["went_back"] == []
+    assert restore["restores"] > 0
+
+
 def test_a_second_writer_process_is_refused_and_a_killed_writer_blocks_nobody(tmp_path):
     directory = tmp_path / "run"
     holder = _start("hold", directory)
