@@ -421,6 +421,10 @@ class OrbaxCheckpointHandler:
         corrupt latest step is skipped with a logged warning and the newest intact step
         is restored instead; with an explicit ``step`` it raises.
 
+        Safe beside a writer in another process: it changes nothing on disk, and a step
+        that the writer's retention deletes while it is read is not mistaken for a
+        corrupt one (``step=None`` then reads the new latest step).
+
         Args:
             directory: The checkpoint directory.
             target: None returns the saved tree with its original types. A
@@ -441,7 +445,8 @@ class OrbaxCheckpointHandler:
             The restored state, the updated target, or the metadata dict.
 
         Raises:
-            FileNotFoundError: if the directory, the step or any checkpoint is missing;
+            FileNotFoundError: if the directory, the step or any checkpoint is missing,
+                or the step was deleted (by the writer's retention) while it was read;
                 the message lists the available steps.
             StructureMismatchError: (a ValueError) if ``target`` does not match.
             ValueError: in a multi-process run, if a leaf saved sharded across
