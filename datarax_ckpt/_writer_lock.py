@@ -53,6 +53,17 @@ class WriterLock:
         self.path = path
         self._fd: int | None = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
+        _HELD.add(self)
+
+    def _forget(self) -> None:
+        """In a forked child: close the inherited copy, which leaves the parent's lock held.
+
+        Without this a child that outlives its parent (a data-loader worker, say) would
+        keep the lock of a SIGKILLed writer, and the next writer would be refused.
+        """
+        if self._fd is not None:
+            self._fd = None
+            self._finalizer()
 
     def release(self) -> None:
         """Removes the lock file, then releases the lock. Idempotent."""
@@ -66,6 +77,10 @@ class WriterLock:
             logger.debug("Could not remove %s: %s", self.path, e)
         self._fd = None
         self._finalizer()
+
+
+_HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [lock._forget() for lock in list(_HELD)])
 
 
 def acquire(directory: epath.Path) -> WriterLock | None:

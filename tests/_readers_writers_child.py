@@ -151,11 +151,15 @@ def verify_loop(directory: Path, result: dict, n_steps: int) -> None:
 
 
 def hold(directory: Path, result: dict, n_steps: int) -> None:
-    """A writer that saves, then keeps its handler open until it is killed."""
+    """A writer that saves, forks a worker (as data loaders do), then waits to be killed."""
     handler = OrbaxCheckpointHandler()
     handler.save(directory, make_state(0), step=0)
     handler.wait_until_finished()
-    print("ready", flush=True)
+    worker = os.fork()
+    if worker == 0:  # outlives its parent, holding whatever it inherited
+        time.sleep(600)
+        os._exit(0)
+    print("ready", worker, flush=True)
     time.sleep(600)
 
 

@@ -104,8 +104,10 @@ def test_restoring_the_latest_step_while_retention_deletes_it_reads_the_new_late
 def test_a_second_writer_process_is_refused_and_a_killed_writer_blocks_nobody(tmp_path):
     directory = tmp_path / "run"
     holder = _start("hold", directory)
+    worker = None
     try:
-        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+        ready, worker = holder.stdout.readline().split()
+        assert ready == "ready"
         before = _tree(directory)
         with OrbaxCheckpointHandler() as handler:
             expected = f"another writer \\(host {socket.gethostname()}, pid {holder.pid}, since"
@@ -114,8 +116,10 @@ def test_a_second_writer_process_is_refused_and_a_killed_writer_blocks_nobody(tm
             assert _tree(directory) == before, "the refused save changed the directory"
             assert same(handler.restore(directory), make_state(0))  # reading is fine
 
+            # Killed, while the worker it forked lives on with a copy of the lock's fd.
             holder.send_signal(signal.SIGKILL)
             assert holder.wait(timeout=60) == -signal.SIGKILL
+            os.kill(int(worker), 0)  # still running
             handler.save(directory, make_state(1), step=1)  # the same handler, now the writer
             handler.wait_until_finished()
             assert handler.get_checkpoint_steps(directory) == [0, 1]
@@ -125,6 +129,8 @@ def test_a_second_writer_process_is_refused_and_a_killed_writer_blocks_nobody(tm
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+        if worker is not None:
+            os.kill(int(worker), signal.SIGKILL)
 
 
 def test_a_second_handler_in_the_same_process_is_refused_until_the_first_closes(tmp_path):
