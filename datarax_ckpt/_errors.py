@@ -38,6 +38,47 @@ class WriterConflictError(CheckpointError, RuntimeError):
     """
 
 
+class StepOrderError(CheckpointError, ValueError):
+    """A save's step is below a newer step that is committed or still being written.
+
+    Attributes:
+        newer: The newer steps, sorted.
+    """
+
+    def __init__(self, message: str, newer: list[int]):
+        super().__init__(message)
+        self.newer = newer
+
+
+class CheckpointPathError(CheckpointError, ValueError):
+    """A checkpoint directory path that cannot be used: empty, a NUL byte, a name too long,
+    or (for writing) not encodable as UTF-8."""
+
+
+class CheckpointNotADirectoryError(CheckpointError, NotADirectoryError):
+    """The checkpoint directory, or a folder above it, is a file."""
+
+
+class DeviceMemoryError(CheckpointError, MemoryError):
+    """A device-side snapshot did not fit in device memory."""
+
+
+class NestingTooDeepError(CheckpointError, ValueError):
+    """A state or metadata nests containers deeper than ``MAX_DEPTH`` levels."""
+
+
+class BackgroundSaveError(CheckpointError, ExceptionGroup):
+    """Several background saves failed before a call could report them: all of them.
+
+    ``exceptions`` holds each save's own error (a note on each names its checkpoint), in
+    the order they failed. Catch one kind with ``except* OSError``, or all with
+    ``except CheckpointError``. A single failed save is raised as its own error.
+    """
+
+    def derive(self, excs):  # split()/subgroup() (and except*) keep the type
+        return BackgroundSaveError(self.message, excs)
+
+
 class CheckpointCorruptedError(CheckpointFormatError):
     """A checkpoint's files are damaged, missing or uncommitted (a checksum does not match).
 
