@@ -86,7 +86,8 @@ def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
         if match is None or match.group(1) == UNVERSIONED:
             continue
         step = int(match.group(1)[len(STEP_PREFIX) :])
-        if step not in folders and is_committed(child):
+        # A link named like a backup is not ours (clear_impostor): never read through it.
+        if step not in folders and not os.path.islink(child) and is_committed(child):
             folders[step] = child
     return dict(sorted(folders.items()))
 

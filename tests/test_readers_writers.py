@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,10 +166,16 @@ def test_readers_create_move_and_delete_nothing_and_the_writer_cleans_up(tmp_pat
         assert reader.get_checkpoint_steps(tmp_path) == [1, 2]
         assert list(reader.follow(tmp_path, timeout=0)) == [1, 2]
     assert _tree(tmp_path) == before
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    shutil.copytree(tmp_path / "ckpt-1", outside)  # a committed step, outside the directory
+    (tmp_path / "ckpt-7.datarax-backup").symlink_to(outside)  # not one of ours: not read
+    with OrbaxCheckpointHandler() as reader:
+        assert reader.get_checkpoint_steps(tmp_path) == [1, 2]
     with OrbaxCheckpointHandler() as writer:  # puts step 2 back, removes the rest
         writer.save(tmp_path, make_state(4), step=4)
         assert same(writer.restore(tmp_path, step=2), make_state(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-1", "ckpt-2", "ckpt-4"]
+    assert (outside / "_CHECKPOINT_METADATA").exists()  # the link went, not its target
 
 
 def test_follow_yields_each_new_step_in_order_and_ends_after_its_timeout(tmp_path):
