@@ -78,18 +78,36 @@ def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
     A step whose overwrite is in progress, or was interrupted by a crash, is read from
     its committed backup: that is what :func:`recover` puts back, and readers never
     recover (only the directory's writer changes it, see ``_writer_lock``).
+
+    The directory is listed again when a step listed in it is gone by the time it is
+    checked (the writer's retention moved it): otherwise, with ``keep=1``, a listing
+    racing a commit could see the old step listed then gone and the new one not yet
+    there, and report no step at all.
     """
     directory = epath.Path(directory)
-    folders = {m.step: m.path for m in NAME_FORMAT.find_all(directory)}
-    for child in directory.iterdir() if directory.is_dir() else ():
-        match = _BACKUP_RE.match(child.name)
-        if match is None or match.group(1) == UNVERSIONED:
-            continue
-        step = int(match.group(1)[len(STEP_PREFIX) :])
-        # A link named like a backup is not ours (clear_impostor): never read through it.
-        if step not in folders and not os.path.islink(child) and is_committed(child):
-            folders[step] = child
-    return dict(sorted(folders.items()))
+    for _ in range(8):
+        if not directory.is_dir():
+            return {}
+        steps: dict[int, epath.Path] = {}
+        backups: dict[int, epath.Path] = {}
+        moved = False
+        for child in directory.iterdir():
+            if match := _STEP_RE.match(child.name):
+                found, step = steps, int(match.group(1))
+            elif (match := _BACKUP_RE.match(child.name)) and match.group(1) != UNVERSIONED:
+                # A link named like a backup is not ours (clear_impostor): never read it.
+                if os.path.islink(child):
+                    continue
+                found, step = backups, int(match.group(1)[len(STEP_PREFIX) :])
+            else:
+                continue
+            if is_committed(child):
+                found[step] = child
+            elif not child.exists():
+                moved = True
+        if not moved:
+            break
+    return dict(sorted({**backups, **steps}.items()))
 
 
 def committed_steps(directory: epath.Path) -> list[int]:
