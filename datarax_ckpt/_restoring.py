@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -11,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _directory, _integrity, _layout, _structure, serialization
+from datarax_ckpt import _directory, _integrity, _layout, _snapshot, _structure, serialization
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointNotFoundError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -21,6 +22,21 @@ def on_device(device: Any, fn: Any, *args: Any) -> Any:
     """Runs ``fn(*args)`` under ``jax.default_device(device)`` (a per-thread setting)."""
     with jax.default_device(device):
         return fn(*args)
+
+
+def caller_context() -> tuple[Any, Any]:
+    """The calling thread's ``jax.default_device`` and ``jax.set_mesh`` mesh (both per thread)."""
+    return _snapshot.default_device(), jax.sharding.get_mesh()
+
+
+def in_context(context: tuple[Any, Any], fn: Any, *args: Any) -> Any:
+    """Runs ``fn(*args)`` under a :func:`caller_context`: a target from ``nnx.eval_shape``
+    is sharded over an abstract mesh, made concrete with the caller's mesh."""
+    device, mesh = context
+    with contextlib.ExitStack() as stack:
+        if not mesh.empty:
+            stack.enter_context(jax.set_mesh(mesh))
+        return on_device(device, fn, *args)
 
 
 def no_checkpoint(path: epath.Path) -> CheckpointNotFoundError:
@@ -97,7 +113,9 @@ def _too_fast(path: epath.Path, steps: list[int]) -> CheckpointNotFoundError:
     )
 
 
-def read(handle: _directory.Directory, target, step, metadata_only, verify, fallback) -> Any:
+def read(
+    handle: _directory.Directory, target, step, metadata_only, verify, fallback, partial=False
+) -> Any:
     """The body of ``OrbaxCheckpointHandler.restore``, run on the directory's worker.
 
     Only reads: it creates, moves and deletes nothing, so it is safe beside a writer in
@@ -109,7 +127,8 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
     for _ in range(ATTEMPTS):
         folders = _layout.step_folders(path)
         try:
-            return _read_listed(handle, folders, target, step, metadata_only, verify, fallback)
+            args = (target, step, metadata_only, verify, fallback, partial)
+            return _read_listed(handle, folders, *args)
         except _Vanished as e:
             if step is not None:
                 raise _deleted(path, step) from e.__cause__
@@ -117,7 +136,7 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
     raise _too_fast(path, list(folders))
 
 
-def _read_listed(handle, folders, target, step, metadata_only, verify, fallback) -> Any:
+def _read_listed(handle, folders, target, step, metadata_only, verify, fallback, partial) -> Any:
     path, steps = handle.path, list(folders)
     if step is None and not steps:
         unversioned = path / _layout.UNVERSIONED
@@ -127,7 +146,7 @@ def _read_listed(handle, folders, target, step, metadata_only, verify, fallback)
             unversioned = _layout.backup_path(unversioned)
             if not _layout.is_committed(unversioned):
                 raise no_checkpoint(path)
-        args = (handle, unversioned, target, metadata_only, verify)
+        args = (handle, unversioned, target, metadata_only, verify, partial)
         return _stable(unversioned, _read_items, *args)
     if step is not None and step not in steps:
         raise missing_step(path, step, steps)
@@ -135,7 +154,7 @@ def _read_listed(handle, folders, target, step, metadata_only, verify, fallback)
     for candidate in [step] if step is not None else steps[::-1]:
         folder = folders[candidate]
         try:
-            args = (handle, folder, target, metadata_only, verify)
+            args = (handle, folder, target, metadata_only, verify, partial)
             restored = _stable(folder, _read_items, *args)
         except CheckpointCorruptedError as e:
             if step is not None or not fallback:
@@ -155,7 +174,7 @@ def _read_listed(handle, folders, target, step, metadata_only, verify, fallback)
     ) from failures[0][1]
 
 
-def _read_items(handle, path, target, metadata_only, verify=False) -> Any:
+def _read_items(handle, path, target, metadata_only, verify=False, partial=False) -> Any:
     ours = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
     if not any((path / item).exists() for item in ours):
         # None of our items: another tool's checkpoint, not a damaged one of ours.
@@ -166,20 +185,20 @@ def _read_items(handle, path, target, metadata_only, verify=False) -> Any:
     if not verify:
         structure.checksums = None
     with _integrity.reading(structure):
-        return _read_checked(handle, path, target, metadata_only, structure)
+        return _read_checked(handle, path, target, metadata_only, structure, partial)
 
 
-def _read_checked(handle, path, target, metadata_only, structure) -> Any:
+def _read_checked(handle, path, target, metadata_only, structure, partial) -> Any:
     # Through a plain Checkpointer, never the directory's CheckpointManager: creating a
     # manager cleans up the directory, which only its writer may do (_writer_lock).
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handle.item_handlers()))
     try:
-        return _read_through(checkpointer, path, target, metadata_only, structure)
+        return _read_through(checkpointer, path, target, metadata_only, structure, partial)
     finally:
         checkpointer.close()
 
 
-def _read_through(checkpointer, path, target, metadata_only, structure) -> Any:
+def _read_through(checkpointer, path, target, metadata_only, structure, partial) -> Any:
     def read(**items):
         return checkpointer.restore(path, args=ocp.args.Composite(**items))
 
@@ -199,7 +218,7 @@ def _read_through(checkpointer, path, target, metadata_only, structure) -> Any:
         manifest = manifest[_layout.ITEM_MANIFEST]
     serialization.check_manifest(manifest, str(path))
     _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
-    plan = serialization.plan_restore(manifest, target)
+    plan = serialization.plan_restore(manifest, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
     loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
     return plan.build(loaded)
