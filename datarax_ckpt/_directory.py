@@ -13,7 +13,16 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _integrity, _layout, _multihost, _reading, _retention, _s3, _snapshot
+from datarax_ckpt import (
+    _integrity,
+    _layout,
+    _multihost,
+    _reading,
+    _retention,
+    _s3,
+    _snapshot,
+    _writer_lock,
+)
 from datarax_ckpt.options import CheckpointOptions
 
 
@@ -85,8 +94,21 @@ class Directory:
         self.pool = _snapshot.ArenaPool(max_free=options.max_pending_saves)
         self._manager: ocp.CheckpointManager | None = None
         self.coordinator = _multihost.Coordinator(str(path))
+        self.writer: _writer_lock.WriterLock | None = None
         if _s3.is_s3(path):
             _s3.install()
+
+    def claim(self) -> None:
+        """Makes this handler the directory's writer (see ``_writer_lock``); idempotent.
+
+        Called by ``save()`` before anything is written. In a multi-process run only
+        process 0 takes the lock: the processes of one job are one writer.
+
+        Raises:
+            WriterConflictError: if another live handler writes the directory.
+        """
+        if self.writer is None and _multihost.is_primary():
+            self.writer = _writer_lock.acquire(self.path)
 
     def atomicity(self) -> dict[str, Any]:
         """Keyword arguments giving an Orbax checkpointer this directory's commit protocol."""
@@ -103,7 +125,11 @@ class Directory:
         }
 
     def manager(self, keep: int | None | EllipsisType = ...) -> ocp.CheckpointManager:
-        """The directory's CheckpointManager (worker thread only); created on first use.
+        """The directory's CheckpointManager (worker thread, writes only); created on first use.
+
+        Only a writer creates it, after :meth:`claim`: creating it removes every temporary
+        folder and finishes interrupted overwrites and deletions, which is safe only when
+        no other live process writes the directory. Reads go through Orbax without it.
 
         ``keep``: the retention of the save about to run. Orbax takes retention policies
         only when a manager is created, so a ``keep`` that differs from the last save's
@@ -163,3 +189,5 @@ class Directory:
         finally:
             self.worker.shutdown(wait=True)
             self.pool.clear()
+            if self.writer is not None:
+                self.writer.release()
