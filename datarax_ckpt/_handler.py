@@ -25,7 +25,6 @@ from datarax_ckpt import (
     _multihost,
     _restoring,
     _retention,
-    _s3,
     _snapshot,
     _steps,
     _structure,

@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _directory, _integrity, _layout, _snapshot, _structure, serialization
+from datarax_ckpt import _directory, _integrity, _layout, _s3, _snapshot, _structure, serialization
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointNotFoundError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -67,6 +67,8 @@ class _Vanished(Exception):
 
 def _identity(folder: epath.Path) -> Any:
     """What tells a committed folder from a later one of the same name; None if absent."""
+    if _s3.is_s3(folder):  # no inode: a new commit writes a new marker object
+        return _s3.marker_identity(folder)
     if not _layout.is_committed(folder):
         return None
     try:

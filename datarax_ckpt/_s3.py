@@ -142,6 +142,18 @@ def is_committed(path: epath.Path) -> bool:
     return (path / COMMIT_MARKER).exists()
 
 
+def marker_identity(path: epath.Path) -> tuple | None:
+    """What tells a committed step from a later one of the same name (its commit
+    marker's ETag and time); None when the step is not committed."""
+    import fsspec
+
+    try:
+        info = fsspec.filesystem("s3").info(f"{str(path)[len(SCHEME) :]}/{COMMIT_MARKER}")
+    except FileNotFoundError:
+        return None
+    return (info.get("ETag"), str(info.get("LastModified")))
+
+
 def delete_step(path: epath.Path) -> None:
     """Removes a step: its commit marker first (it is no longer listed), then the rest."""
     (path / COMMIT_MARKER).unlink(missing_ok=True)
