@@ -60,7 +60,7 @@ DirArg = Annotated[
     typer.Argument(
         metavar="DIR",
         parser=_directory_arg,
-        help="The checkpoint directory (holding ckpt-<step>/ folders); may be s3://bucket/prefix.",
+        help="The checkpoint directory (holding ckpt-<step>/ folders).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead.")]
