@@ -1,16 +1,15 @@
-"""Strict JAX for the whole test suite, as Equinox does."""
+"""Strict JAX for the whole test suite, as Equinox does; a local S3 server for test_s3."""
+
+import itertools
+import os
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Four CPU devices so sharded arrays can be saved and restored without an accelerator.
 jax.config.update("jax_num_cpu_devices", 4)
 
-
-import itertools  # noqa: E402
-import os  # noqa: E402
-
-import pytest  # noqa: E402
 
 _buckets = itertools.count()
 
