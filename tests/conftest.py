@@ -14,9 +14,10 @@ jax.config.update("jax_num_cpu_devices", 4)
 _buckets = itertools.count()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_server():
-    """moto's S3 server on a free loopback port, with the AWS environment pointing at it."""
+    """moto's S3 server on a free loopback port, with the AWS environment pointing at it
+    (restored after the module, so no other test file sees it)."""
     import _s3server
 
     server, env = _s3server.start()
