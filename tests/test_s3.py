@@ -13,6 +13,7 @@ from pathlib import Path
 import boto3
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from _s3_child import make_state as make_child_state
 from _trees import assert_identical
@@ -234,3 +235,23 @@ def test_specs_carry_the_endpoint_and_logs_never_a_secret(s3_dir, caplog, capfd)
     captured = capfd.readouterr()
     for text in (json.dumps(spec), caplog.text, captured.out, captured.err):
         assert secret not in text
+
+
+@pytest.mark.parametrize("step", [None, 4])
+def test_failed_overwrite_puts_the_old_checkpoint_back(s3_dir, monkeypatch, step):
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(s3_dir, make_state(1), step=step, metadata={"m": 1})
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", fail)
+    monkeypatch.setattr(ocp.Checkpointer, "save", fail)
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(s3_dir, make_state(2), step=step, overwrite=True)
+        with pytest.raises(OSError, match="No space left"):
+            handler.wait_until_finished()
+        assert_identical(handler.restore(s3_dir, step=step), make_state(1))
+        assert handler.restore(s3_dir, step=step, metadata_only=True) == {"m": 1}
+    name = "checkpoint" if step is None else f"ckpt-{step}"
+    assert {k.split("/")[0] for k in objects(s3_dir)} == {name}
