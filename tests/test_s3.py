@@ -255,3 +255,15 @@ def test_failed_overwrite_puts_the_old_checkpoint_back(s3_dir, monkeypatch, step
         assert handler.restore(s3_dir, step=step, metadata_only=True) == {"m": 1}
     name = "checkpoint" if step is None else f"ckpt-{step}"
     assert {k.split("/")[0] for k in objects(s3_dir)} == {name}
+
+
+def test_follow_and_partial_restore_on_s3(s3_dir):
+    with OrbaxCheckpointHandler() as writer:
+        for step in (1, 2):
+            writer.save(s3_dir, make_state(step), step=step)
+    with OrbaxCheckpointHandler() as reader:  # an evaluation job: reads only
+        assert list(reader.follow(s3_dir, timeout=0)) == [1, 2]
+        assert list(reader.follow(s3_dir, after=1, timeout=0)) == [2]
+        part = reader.restore(s3_dir, {"params": make_state(0)["params"]}, partial=True)
+    assert list(part) == ["params"]
+    assert_identical(part["params"], make_state(2)["params"])
