@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 import xxhash
 from etils import epath
 
-from datarax_ckpt import _hostcopy, _layout, _reading
+from datarax_ckpt import _hostcopy, _layout, _reading, _safeio
 from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._structure import (
     _JSON_FILE,
@@ -362,26 +362,18 @@ def load_verified(
     return _reading.place(loaded, storage)
 
 
-def _files_under(path: epath.Path) -> list[epath.Path]:
-    files, folders = [], [path]
-    while folders:
-        for child in sorted(folders.pop().iterdir()):
-            (folders if child.is_dir() else files).append(child)
-    return sorted(files)
+def _read_files(structure: Structure, skip: set[str]) -> tuple[list[Problem], int]:
+    """Reads every regular file of the scan to its end; returns problems and the count.
 
-
-def _read_files(path: epath.Path, skip: set[str]) -> tuple[list[Problem], int]:
-    """Reads every file under ``path`` to its end; returns problems and the file count."""
+    Symlinks, FIFOs, sockets and devices were reported by the scan and are not opened.
+    """
     problems, count = [], 0
-    for file in _files_under(path):
-        rel = str(file.relative_to(path))
+    for rel in sorted(structure.scan.files if structure.scan is not None else ()):
         if rel in skip:
             continue
         count += 1
         try:
-            with file.open("rb") as f:
-                while f.read(_READ_CHUNK):
-                    pass
+            _safeio.read_to_end(structure.path / rel)
         except OSError as e:
             problems.append(Problem("unreadable_file", f"cannot be read: {e}", rel))
     return problems, count
@@ -427,17 +419,19 @@ def verify(
     if not full or not path.is_dir():
         return VerifyReport(str(path), step, tuple(problems), recorded, full=False, notes=notes)
     skip = {p.file for p in problems if p.kind in ("missing_file", "truncated_file") and p.file}
-    file_problems, files = _read_files(path, skip)
+    file_problems, files = _read_files(structure, skip)
     problems += file_problems
     for item in (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA):
         value = getattr(structure, item)
         if value is not None and (problem := _json_problem(structure, item, value)):
             problems.append(problem)
     checked = nbytes = 0
-    manifest = structure.manifest
     damaged = {p.key for p in problems if p.key is not None}
-    if manifest is not None and manifest.get("format") == "datarax_ckpt":
-        arrays = stored_arrays(manifest)
+    # Orbax reads the arrays only from a folder whose entries are all regular files
+    # and whose manifest validated (so no buffer is sized by a damaged declaration).
+    safe = structure.scan is not None and structure.scan.is_safe_under(_layout.ITEM_STATE)
+    if structure.checked is not None and safe:
+        arrays = structure.checked.stored
         records = (structure.checksums or {}).get("arrays") or {}
         keys = [k for k in arrays if k not in damaged]
         sizes = {k: math.prod(s) * d.itemsize for k, (d, s) in arrays.items()}

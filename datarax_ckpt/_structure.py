@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from datarax_ckpt import _layout
+from datarax_ckpt import _layout, _manifest, _safeio
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed step folder
@@ -88,27 +88,6 @@ class LeafInfo:
         return out
 
 
-def _walk(node: dict, path: str, out: list[tuple[str, dict]]) -> None:
-    from datarax_ckpt.serialization import _join
-
-    kind = node["t"]
-    if kind == "obj":
-        _walk(node["c"], f"{path}.get_state()", out)
-    elif kind == "nnx":
-        _walk(node["c"], path, out)
-    elif kind == "dict":
-        for key, child in zip(node["k"], node["c"], strict=True):
-            _walk(child, _join(path, key), out)
-    elif kind in ("list", "tuple"):
-        for i, child in enumerate(node["c"]):
-            _walk(child, f"{path}[{i}]", out)
-    elif kind == "node":
-        for key, child in zip(node["k"], node["c"], strict=True):
-            _walk(child, _join(path, key, attr=isinstance(key, str)), out)
-    else:
-        out.append((path or "<root>", node))
-
-
 def _storage_of(manifest: dict, slot: int) -> tuple[str | None, str]:
     entry = manifest["slots"][slot]
     if "key" in entry:
@@ -121,11 +100,14 @@ def _storage_of(manifest: dict, slot: int) -> tuple[str | None, str]:
 
 
 def leaf_table(manifest: dict) -> list[LeafInfo]:
-    """Every logical leaf (packed ones included) with its kind, dtype, shape and bytes."""
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
+    """Every logical leaf (packed ones included) with its kind, dtype, shape and bytes.
+
+    Raises:
+        _manifest.Invalid: for a manifest that does not validate.
+    """
+    checked = _manifest.validate(manifest)
     leaves = []
-    for path, node in nodes:
+    for path, node in checked.leaves:
         kind = node["t"]
         if "s" not in node:
             value = complex(*node["v"]) if kind == "complex" else node.get("v")
@@ -157,24 +139,24 @@ def stored_arrays(manifest: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]
 
 
 def _slot_paths(manifest: dict) -> dict[int, str]:
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    return {node["s"]: path for path, node in nodes if "s" in node}
+    return {node["s"]: path for path, node in _manifest.walk(manifest["tree"]) if "s" in node}
 
 
 def leaves_by_key(manifest: dict | None) -> dict[str, list[str]]:
-    """``{storage key: [tree paths of the leaves stored in it]}``."""
+    """``{storage key: [tree paths of the leaves stored in it]}`` (empty if unreadable)."""
     if manifest is None:
         return {}
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    out: dict[str, list[str]] = {}
-    for path, node in nodes:
-        if "s" in node:
-            key, _ = _storage_of(manifest, node["s"])
-            if key is not None:
-                out.setdefault(key, []).append(path)
-    return out
+    try:
+        nodes = _manifest.walk(manifest["tree"])
+        out: dict[str, list[str]] = {}
+        for path, node in nodes:
+            if "s" in node:
+                key, _ = _storage_of(manifest, node["s"])
+                if key is not None:
+                    out.setdefault(key, []).append(path)
+        return out
+    except (_manifest.Invalid, KeyError, IndexError, TypeError, ValueError):
+        return {}
 
 
 # --------------------------------------------------------------------------- reports
@@ -187,7 +169,9 @@ class Problem:
     Attributes:
         kind: ``"not_committed"``, ``"missing_file"``, ``"truncated_file"``,
             ``"unreadable_file"``, ``"missing_item"``, ``"checksum_mismatch"``,
-            ``"missing_checksum"`` or ``"unreadable_array"``.
+            ``"missing_checksum"``, ``"unreadable_array"``, ``"unsafe_entry"`` (a
+            symlink, FIFO, socket or device, never opened) or ``"invalid_manifest"``
+            (a manifest that cannot describe the stored data).
         message: What is wrong, in words.
         file: The file concerned, relative to the checkpoint folder, if known.
         key: The stored array concerned (Orbax key such as ``"p0"`` or ``"a3"``).
@@ -306,6 +290,8 @@ class Structure:
     checksums: dict | None = None
     files_by_key: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    scan: _safeio.Scan | None = None  # every entry of the folder, listed with lstat
+    checked: _manifest.Manifest | None = None  # the manifest, once validated
     _leaves: dict[str, list[str]] | None = None
 
     def leaves(self, key: str) -> tuple[str, ...]:
@@ -318,24 +304,49 @@ class Structure:
         return f"{_layout.ITEM_STATE}/{files[0]}" if files else None
 
 
-def _read_json(path: epath.Path) -> Any:
-    return json.loads(path.read_text())
+def _read_json(structure: Structure, rel: str) -> Any:
+    """A JSON file of the folder, read only if the scan found it a regular file."""
+    scan = structure.scan
+    if scan is not None and _safeio.is_local(structure.path) and rel not in scan.files:
+        if rel in scan.unsafe:
+            raise _safeio.UnsafeEntryError(f"a {scan.unsafe[rel]}, not a regular file")
+        raise FileNotFoundError(rel)
+    return _safeio.read_json(structure.path / rel)
 
 
 def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
-    """The quick check: commit marker, item folders, JSON items, files the data needs.
+    """The quick check: entries, commit marker, item folders, JSON items, the manifest
+    validated against the files the data needs.
 
-    Reads only small files (JSON items and the OCDBT b-tree), never array data;
-    ``arrays=False`` skips the array item entirely (for metadata-only reads).
+    Reads only small files (JSON items, each with a size limit, and the OCDBT b-tree),
+    never array data, and opens nothing that is not a regular file (see
+    :mod:`datarax_ckpt._safeio`); ``arrays=False`` skips the array item entirely (for
+    metadata-only reads).
     """
     path = epath.Path(path)
     problems: list[Problem] = []
     if not path.is_dir():
         problems.append(Problem("missing_file", "the checkpoint folder does not exist", "."))
         return Structure(path, problems, set())
+    structure = Structure(path, problems, set())
+    try:
+        structure.scan = _safeio.scan(path)
+    except OSError as e:
+        problems.append(Problem("unreadable_file", f"cannot be listed: {e}", "."))
+        return structure
+    for rel, what in sorted(structure.scan.unsafe.items()):
+        problems.append(
+            Problem(
+                "unsafe_entry",
+                f"a {what}, not a regular file or folder: refused, not opened or followed",
+                rel,
+            )
+        )
+    if "." in structure.scan.unsafe:
+        return structure
     if ".orbax-checkpoint-tmp" in path.name or not _layout.is_committed(path):
         problems.append(Problem("not_committed", "a temporary folder of an unfinished save", "."))
-    elif not (path / COMMIT_MARKER).exists():
+    elif COMMIT_MARKER not in structure.scan.files and COMMIT_MARKER not in structure.scan.unsafe:
         problems.append(
             Problem(
                 "not_committed",
@@ -344,11 +355,12 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
                 COMMIT_MARKER,
             )
         )
-    structure = Structure(path, problems, set())
     try:
-        structure.checkpoint_metadata = _read_json(path / CHECKPOINT_METADATA)
+        structure.checkpoint_metadata = _read_json(structure, CHECKPOINT_METADATA)
         handlers = structure.checkpoint_metadata.get("item_handlers") or {}
         structure.items = set(handlers) if isinstance(handlers, dict) else set()
+    except _safeio.UnsafeEntryError:
+        pass  # reported by the scan
     except FileNotFoundError:
         problems.append(
             Problem("missing_file", "Orbax's checkpoint metadata is missing", CHECKPOINT_METADATA)
@@ -358,11 +370,12 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
     if not structure.items:  # unknown: expect what datarax_ckpt always writes
         structure.items = {_layout.ITEM_MANIFEST, _layout.ITEM_METADATA}
         structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if (path / i).exists()}
-    wanted = _JSON_ITEMS if arrays else (_layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
-    for item in sorted(structure.items & set(wanted)):
+    for item in sorted(structure.items & set(_JSON_ITEMS)):
         file = f"{item}/{_JSON_FILE}"
         try:
-            setattr(structure, item, _read_json(path / item / _JSON_FILE))
+            setattr(structure, item, _read_json(structure, file))
+        except _safeio.UnsafeEntryError:
+            pass  # reported by the scan
         except FileNotFoundError:
             problems.append(Problem("missing_file", f"the {item} item is missing", file))
         except (OSError, ValueError) as e:
@@ -373,16 +386,72 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
         structure.notes.append(f"no checksums recorded ({reason}): the data cannot be compared")
     elif structure.checksums is None and structure.manifest is not None:
         structure.notes.append("no checksums recorded: the data cannot be compared")
-    if arrays and structure.manifest is not None and _stored_keys(structure.manifest):
+    if structure.checksums is not None and not isinstance(structure.checksums, dict):
+        problems.append(
+            Problem("unreadable_file", "the checksums item is not a JSON object", _CHECKSUMS_FILE)
+        )
+        structure.checksums = None
+    _check_manifest(structure, arrays)
+    if arrays and structure.checked is not None and structure.checked.stored:
         _inspect_state(structure)
     return structure
+
+
+_CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/{_JSON_FILE}"
+_MANIFEST_FILE = f"{_layout.ITEM_MANIFEST}/{_JSON_FILE}"
+
+
+def _check_manifest(structure: Structure, arrays: bool) -> None:
+    """Validates the manifest once (:func:`_manifest.validate`); problems are recorded."""
+    manifest = structure.manifest
+    try:
+        _manifest.check_format(manifest)
+    except CheckpointError:
+        # Not ours, or a newer version: the reader says so (CheckpointFormatError),
+        # unless the recorded checksum shows the manifest was damaged instead.
+        recorded = ((structure.checksums or {}).get("items") or {}).get(_layout.ITEM_MANIFEST)
+        if manifest is not None and recorded is not None:
+            from datarax_ckpt._integrity import hash_json
+
+            if hash_json(manifest) != recorded:
+                structure.problems.append(
+                    Problem(
+                        "checksum_mismatch",
+                        "the manifest differs from its checksum",
+                        _MANIFEST_FILE,
+                    )
+                )
+        return
+    orbax_tree = None
+    state_metadata = f"{_layout.ITEM_STATE}/_METADATA"
+    if arrays and structure.scan is not None and state_metadata in structure.scan.files:
+        try:
+            orbax_tree = _read_json(structure, state_metadata).get("tree_metadata")
+        except (OSError, ValueError, AttributeError) as e:
+            structure.problems.append(
+                Problem("unreadable_file", f"unreadable JSON: {e}", state_metadata)
+            )
+            return
+        if not isinstance(orbax_tree, dict):
+            orbax_tree = {}  # validate() then finds every declared array missing
+    records = None
+    if structure.checksums is not None:
+        records = structure.checksums.get("arrays")
+        records = records if isinstance(records, dict) else {}
+    try:
+        structure.checked = _manifest.validate(manifest, orbax_tree=orbax_tree, checksums=records)
+    except _manifest.Invalid as e:
+        leaves = (e.leaf,) if e.leaf else ()
+        if e.key and not leaves:
+            leaves = tuple(structure.leaves(e.key))
+        structure.problems.append(Problem(e.kind, str(e), _MANIFEST_FILE, e.key, leaves))
 
 
 def _stored_keys(manifest: dict) -> list[str]:
     try:
         return list(stored_arrays(manifest))
-    except (KeyError, TypeError, ValueError):
-        return []
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _manifest.stored_keys(manifest) if isinstance(manifest, dict) else []
 
 
 def _inspect_state(structure: Structure) -> None:
@@ -402,10 +471,12 @@ def _inspect_state(structure: Structure) -> None:
                     f"{_layout.ITEM_STATE}/{name}",
                 )
             )
+    if structure.scan is not None and not structure.scan.is_safe_under(_layout.ITEM_STATE):
+        return  # TensorStore would open them: the unsafe entries are reported instead
     if (state / "manifest.ocdbt").exists():
         _inspect_ocdbt(structure, state)
-    elif structure.manifest is not None:  # one zarr folder per array
-        for key in _stored_keys(structure.manifest):
+    elif structure.checked is not None:  # one zarr folder per array
+        for key in structure.checked.stored:
             structure.files_by_key[key] = [key]
             if not (state / key).is_dir():
                 problems.append(
