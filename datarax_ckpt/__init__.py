@@ -6,6 +6,7 @@ from datarax_ckpt._errors import CheckpointError as CheckpointError
 from datarax_ckpt._errors import CheckpointExistsError as CheckpointExistsError
 from datarax_ckpt._errors import CheckpointFormatError as CheckpointFormatError
 from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from datarax_ckpt._errors import CheckpointPathError as CheckpointPathError
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointNotFoundError",
     "CheckpointOptions",
+    "CheckpointPathError",
     "Checkpointable",
     "OrbaxCheckpointHandler",
     "PathLike",

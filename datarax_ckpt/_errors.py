@@ -30,6 +30,11 @@ class ProcessMismatchError(CheckpointError, ValueError):
     """In a multi-process save, the processes passed different non-array data."""
 
 
+class CheckpointPathError(CheckpointError, ValueError):
+    """A checkpoint directory path that cannot be used: empty, a NUL byte, a name too long,
+    or not encodable as UTF-8."""
+
+
 class CheckpointCorruptedError(CheckpointFormatError):
     """A checkpoint's files are damaged, missing or uncommitted (a checksum does not match).
 

@@ -23,6 +23,7 @@ from datarax_ckpt import (
     _layout,
     _multihost,
     _restoring,
+    _safeio,
     _snapshot,
     _structure,
     _validate,
@@ -530,6 +531,7 @@ class OrbaxCheckpointHandler:
         return handle
 
     def _enter(self, path: epath.Path) -> _directory.Directory:
+        _safeio.check_utf8(path)  # TensorStore takes only UTF-8 paths
         with self._lock:
             self._check_open()
             self._raise_errors()

@@ -219,7 +219,9 @@ def _pack_segments(manifest: dict) -> dict[str, list[tuple[int, int, int]]]:
 def default_item_handlers() -> dict[str, Any]:
     """Orbax handlers able to read every item of a datarax_ckpt checkpoint."""
     return {
-        _layout.ITEM_STATE: ocp.PyTreeCheckpointHandler(),
+        # Orbax's handler with datarax_ckpt's host reads (_reading.AlignedHostArray),
+        # which wait for every TensorStore read before reporting a damaged one.
+        _layout.ITEM_STATE: _reading.state_handler(use_ocdbt=True, use_compression=True),
         **{item: ocp.JsonCheckpointHandler() for item in _JSON_ITEMS},
     }
 
@@ -363,17 +365,25 @@ def load_verified(
 
 
 def _read_files(structure: Structure, skip: set[str]) -> tuple[list[Problem], int]:
-    """Reads every regular file of the scan to its end; returns problems and the count.
+    """Reads every regular file of the scan (up to what the checkpoint needs of it);
+    returns problems and the count.
 
     Symlinks, FIFOs, sockets and devices were reported by the scan and are not opened.
+    A file is read up to the bytes the OCDBT index needs of it, or else up to the larger
+    of the JSON size limit and twice the declared arrays: a huge (sparse) file in a
+    checkpoint costs bounded time.
     """
+    declared = 0
+    if structure.checked is not None:
+        declared = sum(math.prod(s) * d.itemsize for d, s in structure.checked.stored.values())
+    cap = max(_safeio.MAX_JSON_BYTES, 2 * declared + (1 << 20))
     problems, count = [], 0
     for rel in sorted(structure.scan.files if structure.scan is not None else ()):
         if rel in skip:
             continue
         count += 1
         try:
-            _safeio.read_to_end(structure.path / rel)
+            _safeio.read_to_end(structure.path / rel, structure.needed.get(rel, cap))
         except OSError as e:
             problems.append(Problem("unreadable_file", f"cannot be read: {e}", rel))
     return problems, count
@@ -418,7 +428,7 @@ def verify(
     step = _step_of(path)
     if not full or not path.is_dir():
         return VerifyReport(str(path), step, tuple(problems), recorded, full=False, notes=notes)
-    skip = {p.file for p in problems if p.kind in ("missing_file", "truncated_file") and p.file}
+    skip = {p.file for p in problems if p.file}  # already found damaged: not read again
     file_problems, files = _read_files(structure, skip)
     problems += file_problems
     for item in (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA):
@@ -463,7 +473,10 @@ def _read_arrays(checkpointer, path, keys, arrays, structure) -> Iterator[tuple[
 
     def restore(batch: list[str]) -> dict:
         item = {k: np.empty(arrays[k][1], arrays[k][0]) for k in batch}
-        args = {k: ocp.RestoreArgs(restore_type=np.ndarray, dtype=arrays[k][0]) for k in batch}
+        args = {
+            k: ocp.RestoreArgs(restore_type=_reading.AlignedHostArray, dtype=arrays[k][0])
+            for k in batch
+        }
         restored = checkpointer.restore(
             path,
             args=ocp.args.Composite(

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import orbax.checkpoint as ocp
 from etils import epath
 
+from datarax_ckpt import _safeio
+
 logger = logging.getLogger("datarax_ckpt")
 
 STEP_PREFIX = "ckpt-"
@@ -50,12 +52,17 @@ class CkptNameFormat(ocp.step.NameFormat):
             return None
         return ocp.step.Metadata(step=int(match.group(1)), path=path)
 
+    def _orbax_metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
+        # Orbax reads each listed step's metadata and metrics files: a step where that
+        # would block or exhaust memory is left out of its view (restore reports it).
+        return self._metadata(path) if _safeio.safe_to_list(path) else None
+
     def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.step.Metadata]:
         base = epath.Path(base_path)
         if not base.is_dir():
             return iter([])
         candidates = [p for p in base.iterdir() if _STEP_RE.match(p.name)]
-        return ocp.step.build_step_metadatas(candidates, self._metadata)
+        return ocp.step.build_step_metadatas(candidates, self._orbax_metadata)
 
     def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
         metadata = self._metadata(epath.Path(base_path) / self.build_name(step))
@@ -68,8 +75,11 @@ NAME_FORMAT = CkptNameFormat()
 
 
 def committed_steps(directory: epath.Path) -> list[int]:
-    """Sorted steps whose ``ckpt-<step>`` folder is committed."""
-    return sorted(m.step for m in NAME_FORMAT.find_all(directory))
+    """Sorted steps whose ``ckpt-<step>`` folder is committed (Orbax may see fewer)."""
+    if not directory.is_dir():
+        return []
+    found = (NAME_FORMAT._metadata(p) for p in directory.iterdir() if _STEP_RE.match(p.name))
+    return sorted(m.step for m in found if m is not None)
 
 
 def backup_path(path: epath.Path) -> epath.Path:

@@ -24,10 +24,13 @@ from datarax_ckpt._errors import CheckpointFormatError
 FORMAT_NAME = "datarax_ckpt"
 FORMAT_VERSION = 1  # major version: readers refuse a newer one.
 
-# Deepest nesting of containers restored. Deep enough for any real state (Flax NNX
-# models and optax states nest < 30 levels); the planner recurses ~3 Python frames per
-# level, so 200 levels stay well inside Python's default recursion limit of 1000.
-MAX_DEPTH = 200
+# Deepest nesting read, counted as save() counts it: the root is level 1, each node's
+# children one level below. Deep enough for any real state (an optax state over a Flax
+# NNX transformer nests about 12 levels); the planner recurses ~3 Python frames per
+# level, so 100 levels stay well inside Python's default recursion limit of 1000.
+# The same number as the save side's limit (``_validate.MAX_DEPTH``): what save()
+# accepts, restore() reads.
+MAX_DEPTH = 100
 # Largest array declared (bytes): anything larger cannot be a real leaf (numpy sizes are
 # int64) and is refused before a buffer is allocated for it.
 MAX_ARRAY_BYTES = 1 << 56
@@ -253,7 +256,8 @@ def validate(
             slot_paths[slot] = path
             _check_slot(node, slots[slot], packs, stored, path)
     if orbax_tree is not None:
-        _check_against_orbax(stored, orbax_tree)
+        sharded = {e["key"] for e in slots if "key" in e and e.get("global") is True}
+        _check_against_orbax(stored, sharded, orbax_tree)
     if checksums is not None:
         _check_against_checksums(stored, checksums)
     return Manifest(raw, leaves, slot_paths, stored)
@@ -305,24 +309,28 @@ def _check_slot(node: dict, entry: Any, packs: list, stored: dict, path: str) ->
         )
 
 
-def _check_against_orbax(stored: dict, tree: dict) -> None:
+def _check_against_orbax(stored: dict, sharded: set[str], tree: dict) -> None:
     written: dict[str, Any] = {}
     for entry in tree.values() if isinstance(tree, dict) else ():
         keys = entry.get("key_metadata") if isinstance(entry, dict) else None
         if isinstance(keys, list) and len(keys) == 1 and isinstance(keys[0], dict):
-            value = entry.get("value_metadata") or {}
-            written[str(keys[0].get("key"))] = value.get("write_shape", "?")
+            value = entry.get("value_metadata")
+            shape = value.get("write_shape", "?") if isinstance(value, dict) else None
+            written[str(keys[0].get("key"))] = shape
     for key, (_, shape) in stored.items():
         if key not in written:
             raise Invalid(f"stored array {key} is declared but Orbax holds no such array", key=key)
         found = written[key]
-        if found == "?" or found is None:
+        if found == "?":
             continue  # an Orbax that does not record it
-        # A shard's shape for arrays sharded over processes: never larger than declared.
+        # Arrays sharded over processes: Orbax records a shard's shape, never larger.
         if (
             not isinstance(found, list)
             or len(found) != len(shape)
-            or any(not _is_int(f) or f > s for f, s in zip(found, shape, strict=True))
+            or any(
+                not _is_int(f) or f > s or (f != s and key not in sharded)
+                for f, s in zip(found, shape, strict=True)
+            )
         ):
             raise Invalid(
                 f"stored array {key} is declared {list(shape)} but Orbax wrote {found}", key=key

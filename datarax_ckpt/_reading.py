@@ -84,7 +84,7 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
                 target_dtype=arg.dtype,
             )
             opened.append(ts.open(ts.Spec(spec.json), open=True, context=info.ts_context))
-        stores = await asyncio.gather(*opened)
+        stores = await _gather_all(opened)
         outs = [
             aligned_empty(math.prod(t.shape), t.dtype.numpy_dtype).reshape(t.shape) for t in stores
         ]
@@ -95,10 +95,22 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
             if callback is not None:
                 callback(name, out)
 
-        await asyncio.gather(
-            *(fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True))
-        )
+        await _gather_all([fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True)])
         return outs
+
+
+async def _gather_all(awaitables: list) -> list:
+    """``asyncio.gather``, but raises only once every awaitable has finished.
+
+    A plain gather raises at the first failure (a damaged file) and leaves the other
+    TensorStore futures running; Orbax then closes its event loop, and each of them,
+    finishing, prints "RuntimeError: Event loop is closed" from a TensorStore thread.
+    """
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 @functools.cache

@@ -25,6 +25,8 @@ from typing import Any
 
 from etils import epath
 
+from datarax_ckpt._errors import CheckpointPathError
+
 # The manifest takes ~150 bytes per leaf: 256 MiB holds well over a million leaves,
 # and a file claiming more (e.g. /dev/zero or a huge sparse file) is refused unread.
 MAX_JSON_BYTES = 256 << 20
@@ -62,6 +64,47 @@ class Scan:
 
 def is_local(path: epath.PathLike) -> bool:
     return "://" not in str(path)
+
+
+def check_utf8(path: epath.PathLike) -> None:
+    """Raises CheckpointPathError for a local path TensorStore cannot open (not UTF-8)."""
+    text = os.fspath(path) if is_local(path) else ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointPathError(
+            f"Checkpoint directory {text!r} is not valid UTF-8 (it holds bytes decoded with "
+            "surrogateescape). TensorStore, which reads and writes the arrays under Orbax, "
+            "takes only UTF-8 paths: rename the folder (e.g. `mv` it) to a UTF-8 name."
+        ) from None
+
+
+# Files Orbax's CheckpointManager reads from every step folder it lists (step metadata,
+# metrics), before datarax_ckpt's own checks can run; and the most it may read of each.
+_LISTED_FILES = ("_CHECKPOINT_METADATA", "metrics/metrics")
+_LISTED_BYTES = 16 << 20  # ~500 bytes are written
+
+
+def safe_to_list(step: epath.PathLike) -> bool:
+    """False if Orbax listing the step folder would open a symlink, FIFO, device or a
+    file too large (it would block, stream or exhaust memory): such a step is left out
+    of Orbax's view, and reported by :func:`scan` when read."""
+    if not is_local(step):
+        return True
+    try:
+        if not stat.S_ISDIR(os.lstat(os.fspath(step)).st_mode):
+            return False
+        for name in _LISTED_FILES:
+            try:
+                info = os.lstat(os.path.join(os.fspath(step), name))
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_size > _LISTED_BYTES:
+                return False
+        metrics = os.path.join(os.fspath(step), "metrics")
+        return not os.path.lexists(metrics) or stat.S_ISDIR(os.lstat(metrics).st_mode)
+    except OSError:
+        return False
 
 
 def describe(mode: int) -> str | None:
@@ -146,17 +189,24 @@ def open_regular(path: epath.PathLike) -> Any:
 
 
 def read_bytes(path: epath.PathLike, limit: int) -> bytes:
-    """The whole content of a regular file of at most ``limit`` bytes."""
+    """The whole content of a regular file of at most ``limit`` bytes.
+
+    Reads in chunks (``f.read(n)`` would allocate ``n`` bytes up front), so a file that
+    is larger than it claims, or grows, costs at most ``limit`` bytes of memory.
+    """
+    chunks, total, chunk_size = [], 0, _CHUNK
     with open_regular(path) as f:
-        if is_local(path) and os.fstat(f.fileno()).st_size > limit:
-            raise TooLargeError(
-                f"{path} holds {os.fstat(f.fileno()).st_size} bytes, more than the "
-                f"{limit} read for it"
-            )
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise TooLargeError(f"{path} holds more than the {limit} bytes read for it")
-    return data
+        if is_local(path):
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise TooLargeError(f"{path} holds {size} bytes, more than the {limit} read for it")
+            chunk_size = min(_CHUNK, size + 1)
+        while chunk := f.read(min(chunk_size, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise TooLargeError(f"{path} holds more than the {limit} bytes read for it")
+    return b"".join(chunks)
 
 
 def read_json(path: epath.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
@@ -173,10 +223,11 @@ def read_json(path: epath.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
         raise ValueError(f"{path}: JSON nested too deeply to parse") from e
 
 
-def read_to_end(path: epath.PathLike) -> int:
-    """Reads a regular file to its end in bounded chunks; returns its size."""
-    n = 0
+def read_to_end(path: epath.PathLike, limit: int) -> int:
+    """Reads a regular file to its end, or ``limit`` bytes, through one 1 MiB buffer;
+    returns the bytes read."""
+    n, buffer = 0, memoryview(bytearray(1 << 20))
     with open_regular(path) as f:
-        while chunk := f.read(_CHUNK):
-            n += len(chunk)
+        while n < limit and (count := f.readinto(buffer[: min(len(buffer), limit - n)])):
+            n += count
     return n

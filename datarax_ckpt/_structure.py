@@ -99,13 +99,14 @@ def _storage_of(manifest: dict, slot: int) -> tuple[str | None, str]:
     return None, "empty"
 
 
-def leaf_table(manifest: dict) -> list[LeafInfo]:
+def leaf_table(manifest: dict | _manifest.Manifest) -> list[LeafInfo]:
     """Every logical leaf (packed ones included) with its kind, dtype, shape and bytes.
 
     Raises:
-        _manifest.Invalid: for a manifest that does not validate.
+        _manifest.Invalid: for a manifest (dict) that does not validate.
     """
-    checked = _manifest.validate(manifest)
+    checked = manifest if isinstance(manifest, _manifest.Manifest) else _manifest.validate(manifest)
+    manifest = checked.raw
     leaves = []
     for path, node in checked.leaves:
         kind = node["t"]
@@ -292,6 +293,7 @@ class Structure:
     notes: list[str] = dataclasses.field(default_factory=list)
     scan: _safeio.Scan | None = None  # every entry of the folder, listed with lstat
     checked: _manifest.Manifest | None = None  # the manifest, once validated
+    needed: dict[str, int] = dataclasses.field(default_factory=dict)  # OCDBT: bytes per file
     _leaves: dict[str, list[str]] | None = None
 
     def leaves(self, key: str) -> tuple[str, ...]:
@@ -558,6 +560,7 @@ def _inspect_ocdbt(structure: Structure, state: epath.Path) -> None:
             if file not in structure.files_by_key[key]:
                 structure.files_by_key[key].append(file)
             keys_of.setdefault(file, set()).add(key)
+    structure.needed = {f"{_layout.ITEM_STATE}/{f}": end for f, end in needed.items()}
     for file, end in sorted(needed.items()):
         full = state / file
         keys = sorted(keys_of.get(file, ()))

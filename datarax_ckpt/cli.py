@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from datarax_ckpt import _integrity, _layout, _structure
+from datarax_ckpt import _integrity, _layout, _safeio, _structure
+from datarax_ckpt._errors import CheckpointPathError
 
 EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
 EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
@@ -66,6 +67,10 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
         raise _fail(f"{directory} does not exist.")
     if not directory.is_dir():
         raise _fail(f"{directory} is a file, not a checkpoint directory.")
+    try:
+        _safeio.check_utf8(directory.absolute())
+    except CheckpointPathError as e:
+        raise _fail(str(e)) from None
     steps, others = [], []
     for child in directory.iterdir():
         name = child.name
@@ -128,7 +133,10 @@ def _pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
 
 
 def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    try:  # lstat sizes of the regular files: no symlink followed, nothing opened
+        return sum(_safeio.scan(folder).files.values())
+    except OSError:
+        return 0
 
 
 def _human(nbytes: int) -> str:
@@ -238,11 +246,10 @@ def show(
     """
     label, step, folder = _pick(directory, step)
     structure = _structure.inspect(folder)
-    manifest = structure.manifest
-    if not isinstance(manifest, dict) or manifest.get("format") != "datarax_ckpt":
+    if structure.checked is None:  # missing, not ours, newer, or failed validation
         problems = "; ".join(str(p) for p in structure.problems) or "no datarax_ckpt manifest"
         raise _fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
-    leaves = _structure.leaf_table(manifest)
+    leaves = _structure.leaf_table(structure.checked)
     plain, rich = _status(structure, label)
     if as_json:
         doc = {
