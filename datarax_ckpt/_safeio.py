@@ -82,7 +82,7 @@ def check_utf8(path: epath.PathLike) -> None:
 # Files Orbax's CheckpointManager reads from every step folder it lists (step metadata,
 # metrics), before datarax_ckpt's own checks can run; and the most it may read of each.
 _LISTED_FILES = ("_CHECKPOINT_METADATA", "metrics/metrics")
-_LISTED_BYTES = 16 << 20  # ~500 bytes are written
+LISTED_BYTES = 16 << 20  # ~500 bytes are written
 
 
 def safe_to_list(step: epath.PathLike) -> bool:
@@ -99,7 +99,7 @@ def safe_to_list(step: epath.PathLike) -> bool:
                 info = os.lstat(os.path.join(os.fspath(step), name))
             except FileNotFoundError:
                 continue
-            if not stat.S_ISREG(info.st_mode) or info.st_size > _LISTED_BYTES:
+            if not stat.S_ISREG(info.st_mode) or info.st_size > LISTED_BYTES:
                 return False
         metrics = os.path.join(os.fspath(step), "metrics")
         return not os.path.lexists(metrics) or stat.S_ISDIR(os.lstat(metrics).st_mode)

@@ -361,6 +361,8 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
         structure.checkpoint_metadata = _read_json(structure, CHECKPOINT_METADATA)
         handlers = structure.checkpoint_metadata.get("item_handlers") or {}
         structure.items = set(handlers) if isinstance(handlers, dict) else set()
+        if (reason := _layout.step_metadata_error(path)) is not None:
+            problems.append(Problem("unreadable_file", reason, CHECKPOINT_METADATA))
     except _safeio.UnsafeEntryError:
         pass  # reported by the scan
     except FileNotFoundError:
@@ -371,7 +373,8 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
         problems.append(Problem("unreadable_file", f"unreadable: {e}", CHECKPOINT_METADATA))
     if not structure.items:  # unknown: expect what datarax_ckpt always writes
         structure.items = {_layout.ITEM_MANIFEST, _layout.ITEM_METADATA}
-        structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if (path / i).exists()}
+    # Our item folders count even where Orbax's record of them was damaged.
+    structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if i in structure.scan.dirs}
     for item in sorted(structure.items & set(_JSON_ITEMS)):
         file = f"{item}/{_JSON_FILE}"
         try:

@@ -149,7 +149,8 @@ def _human(nbytes: int) -> str:
 
 
 def _written(folder: Path, structure: _structure.Structure) -> str:
-    meta = structure.checkpoint_metadata or {}
+    meta = structure.checkpoint_metadata
+    meta = meta if isinstance(meta, dict) else {}
     nsecs = meta.get("commit_timestamp_nsecs") or meta.get("init_timestamp_nsecs")
     seconds = nsecs / 1e9 if isinstance(nsecs, int) else folder.stat().st_mtime
     return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")

@@ -20,7 +20,7 @@ from _untrusted_child import make
 
 CHILD = pathlib.Path(__file__).with_name("_untrusted_child.py")
 # About a minute on the 2-core CI machine (each case runs seven readers).
-EXAMPLES = int(os.environ.get("DATARAX_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("DATARAX_FUZZ_EXAMPLES", "30"))
 
 
 def test_every_reader_survives_one_mutation_of_a_real_checkpoint(tmp_path):
