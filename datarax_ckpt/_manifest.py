@@ -173,16 +173,6 @@ class Manifest:
     slot_paths: dict[int, str]
     stored: dict[str, tuple[np.dtype, tuple[int, ...]]]
 
-    def paths_of(self, key: str) -> tuple[str, ...]:
-        """Tree paths of the leaves whose bytes are in the stored array ``key``."""
-        slots, packs = self.raw["slots"], self.raw["packs"]
-        out = []
-        for slot, path in self.slot_paths.items():
-            entry = slots[slot]
-            if entry.get("key") == key or ("pack" in entry and packs[entry["pack"]]["key"] == key):
-                out.append(path)
-        return tuple(out)
-
 
 def _dtype(value: Any, what: str, leaf: str | None = None) -> np.dtype:
     dtype = allowed_dtypes().get(value) if isinstance(value, str) else None
@@ -348,7 +338,7 @@ def _check_against_checksums(stored: dict, records: dict) -> None:
             error.kind = "missing_checksum"
             raise error
         declared = (record.get("dtype"), record.get("shape"))
-        if declared != (dtype.name, list(shape)):
+        if ("dtype" in record or "shape" in record) and declared != (dtype.name, list(shape)):
             raise Invalid(
                 f"stored array {key} is declared {dtype.name}{list(shape)} but its checksum "
                 f"record says {declared[0]}{declared[1]}",

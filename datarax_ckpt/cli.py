@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from datarax_ckpt import _integrity, _layout, _safeio, _structure
-from datarax_ckpt._errors import CheckpointPathError
+from datarax_ckpt import _integrity, _layout, _manifest, _safeio, _structure
+from datarax_ckpt._errors import CheckpointError, CheckpointPathError
 
 EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
 EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
@@ -248,7 +248,12 @@ def show(
     label, step, folder = _pick(directory, step)
     structure = _structure.inspect(folder)
     if structure.checked is None:  # missing, not ours, newer, or failed validation
-        problems = "; ".join(str(p) for p in structure.problems) or "no datarax_ckpt manifest"
+        problems = "; ".join(str(p) for p in structure.problems)
+        if not problems:
+            try:
+                _manifest.check_format(structure.manifest, str(folder))
+            except CheckpointError as e:
+                problems = str(e).rstrip(".")
         raise _fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
     leaves = _structure.leaf_table(structure.checked)
     plain, rich = _status(structure, label)

@@ -316,3 +316,18 @@ def test_an_intact_checkpoint_reads_back_exactly(ckpt):
     }
     with OrbaxCheckpointHandler() as handler:
         assert handler.restore(ckpt)["name"] == state(2)["name"]
+
+
+def test_a_state_nested_max_depth_levels_restores_and_verifies(tmp_path):
+    # What save() accepts, restore() reads: a leaf at level MAX_DEPTH (the root is 1).
+    from datarax_ckpt._manifest import MAX_DEPTH
+
+    deep = 1.5
+    for _ in range(MAX_DEPTH - 1):
+        deep = {"a": deep}
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path, deep, step=1)
+        assert handler.restore(tmp_path) == deep
+        assert handler.verify(tmp_path).ok
+    result = CliRunner().invoke(cli.app, ["show", str(tmp_path)])
+    assert result.exit_code == 0, result.output
