@@ -472,7 +472,7 @@ def _read_arrays(checkpointer, path, keys, arrays, structure) -> Iterator[tuple[
     """Yields ``(key, numpy array or Problem)``; retries one by one if a batch fails."""
 
     def restore(batch: list[str]) -> dict:
-        item = {k: np.empty(arrays[k][1], arrays[k][0]) for k in batch}
+        item = {k: _reading.template(arrays[k][1], arrays[k][0]) for k in batch}
         args = {
             k: ocp.RestoreArgs(restore_type=_reading.AlignedHostArray, dtype=arrays[k][0])
             for k in batch
@@ -509,4 +509,13 @@ def _read_arrays(checkpointer, path, keys, arrays, structure) -> Iterator[tuple[
         )
         return
     for key in keys:
-        yield key, loaded[key]
+        value = loaded[key]
+        if tuple(value.shape) != tuple(arrays[key][1]):
+            value = Problem(
+                "unreadable_array",
+                f"it holds shape {list(value.shape)}, the manifest declares {list(arrays[key][1])}",
+                structure.file_of(key) or _layout.ITEM_STATE,
+                key,
+                structure.leaves(key),
+            )
+        yield key, value

@@ -246,8 +246,7 @@ def validate(
             slot_paths[slot] = path
             _check_slot(node, slots[slot], packs, stored, path)
     if orbax_tree is not None:
-        sharded = {e["key"] for e in slots if "key" in e and e.get("global") is True}
-        _check_against_orbax(stored, sharded, orbax_tree)
+        _check_against_orbax(stored, orbax_tree)
     if checksums is not None:
         _check_against_checksums(stored, checksums)
     return Manifest(raw, leaves, slot_paths, stored)
@@ -299,7 +298,7 @@ def _check_slot(node: dict, entry: Any, packs: list, stored: dict, path: str) ->
         )
 
 
-def _check_against_orbax(stored: dict, sharded: set[str], tree: dict) -> None:
+def _check_against_orbax(stored: dict, tree: dict) -> None:
     written: dict[str, Any] = {}
     for entry in tree.values() if isinstance(tree, dict) else ():
         keys = entry.get("key_metadata") if isinstance(entry, dict) else None
@@ -313,14 +312,12 @@ def _check_against_orbax(stored: dict, sharded: set[str], tree: dict) -> None:
         found = written[key]
         if found == "?":
             continue  # an Orbax that does not record it
-        # Arrays sharded over processes: Orbax records a shard's shape, never larger.
+        # Orbax records the shape of the chunks it wrote (a shard's, or smaller), never
+        # larger than the array; the reader then checks the stored shape itself.
         if (
             not isinstance(found, list)
             or len(found) != len(shape)
-            or any(
-                not _is_int(f) or f > s or (f != s and key not in sharded)
-                for f, s in zip(found, shape, strict=True)
-            )
+            or any(not _is_int(f) or f > s for f, s in zip(found, shape, strict=True))
         ):
             raise Invalid(
                 f"stored array {key} is declared {list(shape)} but Orbax wrote {found}", key=key

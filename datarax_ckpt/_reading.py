@@ -166,7 +166,7 @@ def read(
     for key, spec in storage.items():
         dtype, shape = stored.get(key, (spec.dtype, spec.shape))
         if reads_to_host(spec, checked=key in checked):
-            item[key] = np.empty(shape, dtype)
+            item[key] = template(shape, dtype)
             restore_args[key] = ocp.RestoreArgs(restore_type=AlignedHostArray, dtype=dtype)
         else:
             item[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=spec.sharding)
@@ -176,7 +176,23 @@ def read(
     if not item:
         return {}
     state = ocp.args.PyTreeRestore(item, restore_args=restore_args)
-    return dict(read_items(**{_layout.ITEM_STATE: state})[_layout.ITEM_STATE])
+    loaded = dict(read_items(**{_layout.ITEM_STATE: state})[_layout.ITEM_STATE])
+    for key, value in loaded.items():  # the stored shape, not the manifest's, sized it
+        if tuple(value.shape) != tuple(item[key].shape):
+            raise ValueError(
+                f'DATA_LOSS: Error decoding "{key}/": the stored array holds shape '
+                f"{list(value.shape)}, the manifest declares {list(item[key].shape)}"
+            )
+    return loaded
+
+
+def template(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A numpy restore template that allocates nothing (a broadcast view of one element).
+
+    Orbax only needs its type, shape and dtype; the reader allocates by the stored
+    shape, which is then compared with the declared one.
+    """
+    return np.broadcast_to(np.zeros((), dtype), shape)
 
 
 def place(loaded: Mapping[str, Any], storage: Mapping[str, StoredSpec]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import numpy as np
 import pytest
 from _untrusted_child import DECLARED_BYTES, make, ops, state, warm_up
 from typer.testing import CliRunner
@@ -214,7 +215,8 @@ def test_an_empty_leaf_declaring_1_5_gib_is_refused(ckpt):
         (lambda m: slot_of(m, "w").update(offset=600), "does not fit in pack p0"),
         (lambda m: m["tree"]["c"][0].update(t="pickle"), "unknown node kind 'pickle'"),
         (lambda m: slot_of(m, "big").update(key="../../etc"), "unsafe stored key"),
-        (lambda m: slot_of(m, "big").update(shape=[4096]), "declared [4096] but Orbax wrote"),
+        (lambda m: slot_of(m, "big").update(shape=[1024]), "declared [1024] but Orbax wrote"),
+        (lambda m: slot_of(m, "big").update(shape=[4096]), "but its checksum record says"),
     ],
 )
 def test_a_manifest_that_cannot_describe_the_data_is_corrupt(ckpt, edit, wording):
@@ -229,6 +231,20 @@ def test_a_manifest_that_cannot_describe_the_data_is_corrupt(ckpt, edit, wording
         or isinstance(result.exception, SystemExit)
     )
     assert "Traceback" not in result.output and wording in result.output
+
+
+def test_without_checksums_a_larger_declared_shape_is_caught_by_the_reader(tmp_path):
+    with OrbaxCheckpointHandler(checksums=False, pack_threshold_bytes=16) as handler:
+        handler.save(tmp_path, {"w": np.arange(64, dtype=np.float32)}, step=1)
+    path = tmp_path / "ckpt-1" / "manifest" / "metadata"
+    manifest = json.loads(path.read_text())
+    manifest["slots"][0]["shape"] = [1 << 40]  # Orbax's record ([64]) is no larger
+    path.write_text(json.dumps(manifest))
+    with OrbaxCheckpointHandler() as handler:
+        with pytest.raises(CheckpointCorruptedError, match=r"holds shape \[64\].*\['w'\]"):
+            handler.restore(tmp_path, step=1)
+        report = handler.verify(tmp_path, step=1)
+    assert [(p.kind, p.leaves) for p in report.problems] == [("unreadable_array", ("['w']",))]
 
 
 @pytest.mark.parametrize("levels", [150, 50_000])
