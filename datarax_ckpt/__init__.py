@@ -1,13 +1,18 @@
 """datarax_ckpt: asynchronous, exact checkpoints for JAX, built on Orbax's CheckpointManager."""
 
 from datarax_ckpt import serialization as serialization
+from datarax_ckpt._errors import BackgroundSaveError as BackgroundSaveError
 from datarax_ckpt._errors import CheckpointCorruptedError as CheckpointCorruptedError
 from datarax_ckpt._errors import CheckpointError as CheckpointError
 from datarax_ckpt._errors import CheckpointExistsError as CheckpointExistsError
 from datarax_ckpt._errors import CheckpointFormatError as CheckpointFormatError
+from datarax_ckpt._errors import CheckpointNotADirectoryError as CheckpointNotADirectoryError
 from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from datarax_ckpt._errors import CheckpointPathError as CheckpointPathError
+from datarax_ckpt._errors import DeviceMemoryError as DeviceMemoryError
+from datarax_ckpt._errors import NestingTooDeepError as NestingTooDeepError
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
+from datarax_ckpt._errors import StepOrderError as StepOrderError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
 from datarax_ckpt._structure import Problem as Problem
@@ -21,20 +26,25 @@ from datarax_ckpt.preemption import PreemptionGuard as PreemptionGuard
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackgroundSaveError",
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointFormatError",
+    "CheckpointNotADirectoryError",
     "CheckpointNotFoundError",
     "CheckpointOptions",
     "CheckpointPathError",
     "Checkpointable",
+    "DeviceMemoryError",
+    "NestingTooDeepError",
     "OrbaxCheckpointHandler",
     "PathLike",
     "PreemptionGuard",
     "Problem",
     "ProcessMismatchError",
     "PyTree",
+    "StepOrderError",
     "StructureMismatchError",
     "VerifyReport",
     "serialization",

@@ -7,12 +7,13 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
+from types import EllipsisType
 from typing import Any
 
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _integrity, _layout, _multihost, _reading, _snapshot
+from datarax_ckpt import _integrity, _layout, _multihost, _reading, _retention, _snapshot
 from datarax_ckpt.options import CheckpointOptions
 
 
@@ -80,7 +81,7 @@ class Directory:
             max_workers=1, thread_name_prefix=f"datarax-ckpt:{path.name}"
         )
         self.pending: collections.deque[Pending] = collections.deque()
-        self.policy = ocp.checkpoint_managers.LatestN(n=None)
+        self.keep: int | None = None  # the retention the manager was built with
         self.pool = _snapshot.ArenaPool(max_free=options.max_pending_saves)
         self._manager: ocp.CheckpointManager | None = None
         self.coordinator = _multihost.Coordinator(str(path))
@@ -95,8 +96,18 @@ class Directory:
             _layout.ITEM_CHECKSUMS: _integrity.ChecksumsHandler(),
         }
 
-    def manager(self) -> ocp.CheckpointManager:
-        """The directory's CheckpointManager (worker thread only); created on first use."""
+    def manager(self, keep: int | None | EllipsisType = ...) -> ocp.CheckpointManager:
+        """The directory's CheckpointManager (worker thread only); created on first use.
+
+        ``keep``: the retention of the save about to run. Orbax takes retention policies
+        only when a manager is created, so a ``keep`` that differs from the last save's
+        rebuilds the manager (a loop that passes the same ``keep`` builds it once).
+        """
+        if keep is not ... and keep != self.keep:
+            self.keep = keep
+            if self._manager is not None:
+                self._manager.close()
+                self._manager = None
         if self._manager is None:
             if _multihost.is_primary():
                 _layout.recover(self.path)
@@ -105,7 +116,7 @@ class Directory:
                 self.path,
                 options=ocp.CheckpointManagerOptions(
                     step_name_format=_layout.NAME_FORMAT,
-                    preservation_policy=self.policy,
+                    **_retention.manager_options(self.options, self.keep),
                     create=False,
                     cleanup_tmp_directories=self.options.cleanup_tmp_directories,
                     enable_async_checkpointing=True,

@@ -30,9 +30,45 @@ class ProcessMismatchError(CheckpointError, ValueError):
     """In a multi-process save, the processes passed different non-array data."""
 
 
+class StepOrderError(CheckpointError, ValueError):
+    """A save's step is below a newer step that is committed or still being written.
+
+    Attributes:
+        newer: The newer steps, sorted.
+    """
+
+    def __init__(self, message: str, newer: list[int]):
+        super().__init__(message)
+        self.newer = newer
+
+
 class CheckpointPathError(CheckpointError, ValueError):
     """A checkpoint directory path that cannot be used: empty, a NUL byte, a name too long,
-    or not encodable as UTF-8."""
+    or not encodable as UTF-8 (TensorStore, under Orbax, takes only UTF-8 paths)."""
+
+
+class CheckpointNotADirectoryError(CheckpointError, NotADirectoryError):
+    """The checkpoint directory, or a folder above it, is a file."""
+
+
+class DeviceMemoryError(CheckpointError, MemoryError):
+    """A device-side snapshot did not fit in device memory."""
+
+
+class NestingTooDeepError(CheckpointError, ValueError):
+    """A state or metadata nests containers deeper than ``MAX_DEPTH`` levels."""
+
+
+class BackgroundSaveError(CheckpointError, ExceptionGroup):
+    """Several background saves failed before a call could report them: all of them.
+
+    ``exceptions`` holds each save's own error (a note on each names its checkpoint), in
+    the order they failed. Catch one kind with ``except* OSError``, or all with
+    ``except CheckpointError``. A single failed save is raised as its own error.
+    """
+
+    def derive(self, excs):  # split()/subgroup() (and except*) keep the type
+        return BackgroundSaveError(self.message, excs)
 
 
 class CheckpointCorruptedError(CheckpointFormatError):

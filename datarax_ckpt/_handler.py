@@ -23,13 +23,16 @@ from datarax_ckpt import (
     _layout,
     _multihost,
     _restoring,
+    _retention,
     _safeio,
     _snapshot,
+    _steps,
     _structure,
     _validate,
     serialization,
 )
 from datarax_ckpt._errors import (
+    BackgroundSaveError,
     CheckpointError,
     CheckpointExistsError,
     storage_error,
@@ -137,7 +140,8 @@ class OrbaxCheckpointHandler:
         Idempotent. The handler cannot be used afterwards.
 
         Raises:
-            Exception: the first error of a background write not yet reported.
+            Exception: the error of a background write not yet reported, or a
+                BackgroundSaveError holding each of several.
         """
         with self._lock:
             if self._closed:
@@ -156,7 +160,8 @@ class OrbaxCheckpointHandler:
         """Blocks until every pending save is committed on disk.
 
         Raises:
-            Exception: the first error of a background write not yet reported.
+            Exception: the error of a background write not yet reported, or a
+                BackgroundSaveError holding each of several.
         """
         with self._lock:
             directories = list(self._directories.values())
@@ -175,8 +180,12 @@ class OrbaxCheckpointHandler:
         metadata: dict | None = None,
         keep: int | None = None,
         overwrite: bool = False,
+        force: bool = False,
     ) -> str | None:
         """Captures ``target`` and writes it in the background.
+
+        A step is never saved below a newer step (committed, or pending in this
+        handler): to resume from an earlier step, :meth:`rollback` first.
 
         Args:
             directory: The checkpoint directory (created if needed).
@@ -185,46 +194,65 @@ class OrbaxCheckpointHandler:
             step: None writes ``<directory>/checkpoint/``; an int >= 0 writes
                 ``<directory>/ckpt-<step>/``.
             metadata: A JSON-serializable dict stored beside the state.
-            keep: After this save commits, keep only the newest ``keep`` steps
-                (None keeps all). The unversioned checkpoint is never deleted.
-            overwrite: Replace an existing checkpoint of the same name. If the new save
-                fails, the old one is put back.
+            keep: After this save commits, keep only the newest ``keep`` steps by step
+                number (None keeps all), and those that ``keep_period``, ``keep_best``
+                or ``keep_time_interval`` keep. The unversioned checkpoint is never
+                deleted.
+            overwrite: Replace an existing checkpoint of the same name (the latest
+                step, or the unversioned one). If the new save fails, the old one is
+                put back.
+            force: Save even at a step off ``CheckpointOptions.save_interval_steps``.
 
         Returns:
-            The path of the checkpoint folder, or None if the save was skipped because
-            ``on_backpressure="skip"`` and too many saves were pending.
+            The path of the checkpoint folder, or None if nothing was saved: the step
+            is off ``save_interval_steps``, or ``on_backpressure="skip"`` and too many
+            saves were pending.
 
         Raises:
             TypeError: for an unsupported leaf (named by path) or argument type.
             ValueError: for a bad ``step``, ``keep`` or ``metadata`` value.
+            StepOrderError: (a ValueError) if a newer step is committed or pending; it
+                names them. Nothing is written.
             FileExistsError: if the checkpoint exists and ``overwrite`` is False.
-            NotADirectoryError: if ``directory`` is a file.
+            CheckpointPathError: (a ValueError) if ``directory`` is empty, holds a NUL
+                byte or a name too long, or is not valid UTF-8.
+            CheckpointNotADirectoryError: (a NotADirectoryError) if ``directory`` or a
+                folder above it is a file.
+            NestingTooDeepError: (a ValueError) if the state or metadata nests deeper
+                than ``serialization.MAX_DEPTH`` levels; it names the path.
             ProcessMismatchError: (a ValueError, multi-process runs) if the processes
                 passed different non-array data; it names the leaves. No process saves.
             CheckpointError: (multi-process runs) if the save failed on another process
                 before writing; that process raises its own error. No process saves.
-            Exception: an error of an earlier background write.
+            Exception: an error of an earlier background write (several at once: a
+                BackgroundSaveError, an ExceptionGroup of them).
         """
         # Marked first thing, before anything releases the GIL: an earlier save's worker
         # about to start its Orbax work then waits for this capture (on few cores Orbax's
         # Python save path would otherwise take the GIL and CPU from it).
         with _hostcopy.capturing() as capture:
-            return self._save(capture, directory, target, step, metadata, keep, overwrite)
+            return self._save(capture, directory, target, step, metadata, keep, overwrite, force)
 
-    def _save(self, capture, directory, target, step, metadata, keep, overwrite) -> str | None:
+    def _save(self, capture, directory, target, step, metadata, keep, overwrite, force):
         step = _validate.step(step)
         _validate.keep(keep)
         _validate.flag("overwrite", overwrite)
+        _validate.flag("force", force)
         metadata = _validate.metadata(metadata)
-        path = _validate.directory(directory)
+        _retention.metrics(self.options, metadata)  # a bad keep_best metric: before writing
+        path = _validate.save_directory(directory)
         name = _layout.step_name(step)
         with self._lock_for(capture):
             self._check_open()
             self._raise_errors()
+            if not (force or step is None or _retention.on_interval(self.options, step)):
+                return None  # off save_interval_steps
             handle = self._handle_for(path)
             try:
                 with self._state:
                     queued = any(p.name == name for p in handle.pending)
+                    pending = [_steps.step_of(p.name) for p in handle.pending]
+                _steps.check_order(path, step, [s for s in pending if s is not None])
                 if not overwrite and (queued or (path / name).exists()):
                     raise CheckpointExistsError(
                         f"{path / name} already exists. Pass overwrite=True to replace it, or "
@@ -320,12 +348,18 @@ class OrbaxCheckpointHandler:
             self._errors.append(error)
 
     def _raise_errors(self) -> None:
+        """Raises every background error not yet reported, each exactly once: one alone,
+        several together as a :class:`BackgroundSaveError` (an ``ExceptionGroup``)."""
         with self._state:
             errors, self._errors = self._errors, []
-        if errors:
-            for extra in errors[1:]:
-                logger.error("Another background checkpoint error: %r", extra)
+        if len(errors) == 1:
             raise errors[0]
+        if errors:
+            raise BackgroundSaveError(
+                f"{len(errors)} background checkpoint saves failed (a note on each error "
+                "names its checkpoint)",
+                errors,
+            )
 
     def _write(self, handle, step, arrays, manifest, metadata, keep, overwrite) -> None:
         """Worker thread: writes one checkpoint through Orbax and waits until committed.
@@ -337,6 +371,7 @@ class OrbaxCheckpointHandler:
         primary = _multihost.is_primary()
         if primary:
             handle.path.mkdir(parents=True, exist_ok=True)
+            _layout.clear_impostors(handle.path)  # before Orbax renames into the trash
         args = {
             _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
             _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
@@ -348,9 +383,10 @@ class OrbaxCheckpointHandler:
             args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(sums if primary else dict)
         checksums = args.get(_layout.ITEM_CHECKSUMS)
         args = ocp.args.Composite(**args)
-        manager = handle.manager()
+        manager = handle.manager() if step is None else handle.manager(keep)
         path = handle.path / _layout.step_name(step)
         backup = None
+        _steps.check_order(handle.path, step, [])  # another process may have saved since
         committed = _layout.is_committed(path)
         handle.coordinator.barrier("checked")  # every process looked before anything moves
         if committed:
@@ -370,10 +406,12 @@ class OrbaxCheckpointHandler:
                 finally:
                     checkpointer.close()
             else:
-                if backup is not None:
-                    manager.reload()
-                handle.policy.n = keep
-                manager.save(step, args=args, force=True)
+                if backup is not None or manager.all_steps() != _layout.committed_steps(
+                    handle.path
+                ):
+                    manager.reload()  # the disk changed: Orbax retains what is there
+                metrics = _retention.metrics(self.options, metadata)
+                manager.save(step, args=args, force=True, metrics=metrics)
                 manager.wait_until_finished()
         except BaseException:
             if primary:
@@ -438,7 +476,7 @@ class OrbaxCheckpointHandler:
             FileNotFoundError: if the directory, the step or any checkpoint is missing;
                 the message lists the available steps.
             StructureMismatchError: (a ValueError) if ``target`` does not match.
-            ValueError: in a multi-process run, if a leaf saved sharded across
+            StructureMismatchError: in a multi-process run, if a leaf saved sharded across
                 processes has no target leaf giving the sharding to restore onto.
             CheckpointFormatError: (a ValueError) if the folder is not a datarax_ckpt
                 checkpoint or was written by a newer format version.
@@ -497,25 +535,117 @@ class OrbaxCheckpointHandler:
 
     # ------------------------------------------------------------------ listing
 
-    def get_checkpoint_steps(self, directory: PathLike) -> list[int]:
-        """Sorted steps committed in ``directory`` (after this handler's pending saves).
+    def get_checkpoint_steps(self, directory: PathLike, *, wait: bool = True) -> list[int]:
+        """Sorted steps committed in ``directory``.
 
-        Returns an empty list for a missing directory.
+        Args:
+            directory: The checkpoint directory; a missing one has no steps.
+            wait: True waits for this handler's pending saves first. False lists what
+                is committed now, without stalling a training loop (see
+                :meth:`pending_steps` for the rest).
         """
         path = _validate.directory(directory)
-        self._enter(path).drain()
+        _validate.flag("wait", wait)
+        if wait:
+            self._enter(path).drain()
+        else:
+            self._check_open()
         self._raise_errors()
         return _layout.committed_steps(path)
 
-    def latest_step(self, directory: PathLike) -> int | None:
-        """The newest committed step in ``directory``, or None."""
-        steps = self.get_checkpoint_steps(directory)
+    def latest_step(self, directory: PathLike, *, wait: bool = True) -> int | None:
+        """The newest committed step in ``directory``, or None (``wait`` as in
+        :meth:`get_checkpoint_steps`)."""
+        steps = self.get_checkpoint_steps(directory, wait=wait)
         return steps[-1] if steps else None
 
-    def list_checkpoints(self, directory: PathLike) -> dict[int, str]:
-        """``{step: folder path}`` of the committed steps in ``directory``."""
+    def list_checkpoints(self, directory: PathLike, *, wait: bool = True) -> dict[int, str]:
+        """``{step: folder path}`` of the committed steps in ``directory`` (``wait`` as
+        in :meth:`get_checkpoint_steps`)."""
         path = _validate.directory(directory)
-        return {s: str(path / _layout.step_name(s)) for s in self.get_checkpoint_steps(path)}
+        steps = self.get_checkpoint_steps(path, wait=wait)
+        return {s: str(path / _layout.step_name(s)) for s in steps}
+
+    def pending_steps(self, directory: PathLike) -> list[int]:
+        """Sorted steps this handler has accepted for ``directory`` and not yet committed.
+
+        Never waits. A step leaves this list once committed (then it is listed by
+        ``get_checkpoint_steps(wait=False)``) or failed (its error is raised by the
+        next call).
+        """
+        path = _validate.directory(directory)
+        with self._lock:
+            self._check_open()
+            handle = self._handle_for(path)
+        with self._state:
+            names = [p.name for p in handle.pending if not p.future.done()]
+        return sorted(s for s in map(_steps.step_of, names) if s is not None)
+
+    def should_save(self, directory: PathLike, step: int) -> bool:
+        """True if ``save(directory, ..., step=step)`` would save: ``step`` is above every
+        step committed or pending, and on ``CheckpointOptions.save_interval_steps``
+        (Orbax's ``FixedIntervalPolicy``). Never waits.
+
+        Example:
+            >>> import tempfile
+            >>> from datarax_ckpt import OrbaxCheckpointHandler
+            >>> handler = OrbaxCheckpointHandler(save_interval_steps=100)
+            >>> directory = tempfile.mkdtemp()
+            >>> [s for s in range(0, 301, 50) if handler.should_save(directory, s)]
+            [0, 100, 200, 300]
+            >>> handler.close()
+        """
+        step = _validate.step(step)
+        if step is None:
+            raise TypeError("should_save needs an int step >= 0, got None.")
+        path = _validate.directory(directory)
+        pending = self.pending_steps(path)
+        if not _retention.on_interval(self.options, step, saving=bool(pending)):
+            return False  # decided without listing the directory
+        self._raise_errors()
+        return not (any(s >= step for s in pending) or _steps.committed_above(path, step - 1))
+
+    def rollback(self, directory: PathLike, step: int) -> list[int]:
+        """Deletes every committed step above ``step`` (after this handler's pending saves).
+
+        The way to resume training from an earlier step: :meth:`save` refuses a step
+        below a newer one. Steps are deleted newest first, each leaving the listing with
+        one atomic rename, so a crash midway leaves intact steps up to some step above
+        ``step``; calling ``rollback`` again finishes. In a multi-process run every
+        process calls it.
+
+        Args:
+            directory: The checkpoint directory.
+            step: The step to roll back to; it need not exist. The unversioned
+                checkpoint is never deleted.
+
+        Returns:
+            The deleted steps, sorted.
+
+        Raises:
+            Exception: an error of an earlier background write (nothing is deleted).
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp
+            >>> from datarax_ckpt import OrbaxCheckpointHandler
+            >>> directory = tempfile.mkdtemp()
+            >>> with OrbaxCheckpointHandler() as handler:
+            ...     for s in (1, 2, 3):
+            ...         _ = handler.save(directory, {"w": jnp.ones(2)}, step=s)
+            ...     deleted = handler.rollback(directory, 1)
+            ...     steps = handler.get_checkpoint_steps(directory)
+            >>> deleted, steps
+            ([2, 3], [1])
+        """
+        step = _validate.step(step)
+        if step is None:
+            raise TypeError("rollback needs an int step >= 0, got None.")
+        path = _validate.directory(directory)
+        with self._lock:  # no save of another thread slips in between
+            handle = self._enter(path)
+            handle.drain()
+            self._raise_errors()
+            return handle.run(_steps.rollback, handle, step).result()
 
     # ------------------------------------------------------------------ helpers
 

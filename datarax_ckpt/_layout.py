@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import stat
 import uuid
 from collections.abc import Iterator
 
@@ -12,6 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import _safeio
+from datarax_ckpt._errors import CheckpointError
 
 logger = logging.getLogger("datarax_ckpt")
 
@@ -22,6 +25,7 @@ BACKUP_SUFFIX = ".datarax-backup"
 # killed mid-deletion never leaves a half-deleted ckpt-<step>/ that would be listed.
 TRASH = ".datarax-trash"
 _STEP_RE = re.compile(r"^ckpt-(0|[1-9]\d*)$")
+_TMP = ".orbax-checkpoint-tmp"  # in the names of Orbax's temporary folders
 _BACKUP_RE = re.compile(rf"^(ckpt-(?:0|[1-9]\d*)|{UNVERSIONED}){re.escape(BACKUP_SUFFIX)}$")
 
 ITEM_STATE = "state"
@@ -107,6 +111,50 @@ def committed_steps(directory: epath.Path) -> list[int]:
     return sorted(m.step for m in found if m is not None)
 
 
+def clear_impostor(path: epath.Path) -> bool:
+    """Removes ``path`` if it exists but is not a real directory; True if it did.
+
+    The library's own folders (:data:`TRASH`, backups, Orbax's temporary folders) are
+    only ever real directories inside the checkpoint directory. A symlink (or a file, a
+    FIFO) in their place, whoever put it there, would make a rename move steps out of
+    the directory or an ``rmtree`` fail on every save: the entry itself is removed
+    (``lstat``/``unlink``: a link is never followed), never what it points to.
+    """
+    if "://" in str(path):  # object stores have no symlinks
+        return False
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(mode):
+        return False
+    logger.warning(
+        "Removing %s: datarax_ckpt keeps a folder of its own under that name, and this is "
+        "a %s, not a directory (what a link points to is not touched).",
+        path,
+        "symlink" if stat.S_ISLNK(mode) else "file",
+    )
+    os.unlink(path)
+    return True
+
+
+def clear_impostors(directory: epath.Path) -> None:
+    """:func:`clear_impostor` for every entry of ``directory`` named like the library's
+    own folders (trash, backups, Orbax temporary folders); run before Orbax moves or
+    deletes anything there (its retention renames steps into :data:`TRASH`)."""
+    if "://" in str(directory) or not directory.is_dir():
+        return
+    with os.scandir(directory) as entries:
+        own = [
+            e.name
+            for e in entries
+            if (e.name == TRASH or _BACKUP_RE.match(e.name) or _TMP in e.name)
+            and not e.is_dir(follow_symlinks=False)
+        ]
+    for name in own:
+        clear_impostor(directory / name)
+
+
 def backup_path(path: epath.Path) -> epath.Path:
     return path.parent / f"{path.name}{BACKUP_SUFFIX}"
 
@@ -114,6 +162,7 @@ def backup_path(path: epath.Path) -> epath.Path:
 def move_aside(path: epath.Path) -> epath.Path:
     """Renames a committed checkpoint to its backup name (atomic on local disks)."""
     backup = backup_path(path)
+    clear_impostor(backup)
     if backup.exists():
         backup.rmtree()
     path.rename(backup)
@@ -122,6 +171,12 @@ def move_aside(path: epath.Path) -> epath.Path:
 
 def put_back(path: epath.Path, backup: epath.Path) -> None:
     """Undoes :func:`move_aside` after a failed overwrite."""
+    clear_impostor(path)
+    if clear_impostor(backup):
+        raise CheckpointError(
+            f"The backup {backup} of {path} was replaced by a link or file while the "
+            "overwrite ran; it was removed, and the old checkpoint cannot be put back."
+        )
     if path.exists():
         path.rmtree()
     backup.rename(path)
@@ -132,13 +187,16 @@ def remove_partial(directory: epath.Path, name: str) -> None:
     if not directory.is_dir():
         return
     for child in directory.iterdir():
-        if child.name.startswith(f"{name}.orbax-checkpoint-tmp"):
+        if child.name.startswith(f"{name}{_TMP}"):
             discard(child)
 
 
 def discard(path: epath.Path) -> None:
     """Deletes a folder of ``path.parent`` after renaming it into :data:`TRASH` (atomic)."""
+    if clear_impostor(path):  # a link in place of a temporary folder: gone, nothing moved
+        return
     trash = path.parent / TRASH
+    clear_impostor(trash)
     trash.mkdir(exist_ok=True)
     moved = trash / f"{path.name}.{uuid.uuid4().hex}"
     path.rename(moved)
@@ -151,7 +209,8 @@ def discard(path: epath.Path) -> None:
 
 def empty_trash(directory: epath.Path) -> None:
     """Deletes the steps that retention (or a failed save) moved to :data:`TRASH`."""
-    _delete(directory / TRASH)
+    if not clear_impostor(directory / TRASH):
+        _delete(directory / TRASH)
 
 
 def _delete(path: epath.Path) -> None:
@@ -169,6 +228,7 @@ def recover(directory: epath.Path) -> None:
     """
     if not directory.is_dir():
         return
+    clear_impostors(directory)
     empty_trash(directory)
     for child in directory.iterdir():
         match = _BACKUP_RE.match(child.name)

@@ -19,18 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from datarax_ckpt import _validate
 from datarax_ckpt._errors import CheckpointFormatError
 
 FORMAT_NAME = "datarax_ckpt"
 FORMAT_VERSION = 1  # major version: readers refuse a newer one.
 
-# Deepest nesting read, counted as save() counts it: the root is level 1, each node's
-# children one level below. Deep enough for any real state (an optax state over a Flax
-# NNX transformer nests about 12 levels); the planner recurses ~3 Python frames per
-# level, so 100 levels stay well inside Python's default recursion limit of 1000.
-# The same number as the save side's limit (``_validate.MAX_DEPTH``): what save()
-# accepts, restore() reads.
-MAX_DEPTH = 100
+# Deepest nesting read: the limit save() applies (the root is level 1, each node's
+# children one level below), so that what save() accepts, restore() reads. The walk
+# below is iterative; the planner recurses ~3 Python frames per level, well inside
+# Python's default recursion limit of 1000.
+MAX_DEPTH = _validate.MAX_DEPTH
 # Largest array declared (bytes): anything larger cannot be a real leaf (numpy sizes are
 # int64) and is refused before a buffer is allocated for it.
 MAX_ARRAY_BYTES = 1 << 56

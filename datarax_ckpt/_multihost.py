@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from datarax_ckpt._errors import CheckpointError, ProcessMismatchError
+from datarax_ckpt._errors import CheckpointError, ProcessMismatchError, StructureMismatchError
 
 # As Orbax's default barrier timeout (orbax/checkpoint/_src/multihost/multihost.py).
 TIMEOUT_S = 300
@@ -270,10 +270,10 @@ def _mismatch_error(where: str, payloads: list[dict]) -> ProcessMismatchError:
     )
 
 
-def missing_target_error(manifest: dict, slot: int) -> ValueError:
+def missing_target_error(manifest: dict, slot: int) -> StructureMismatchError:
     """The error for restoring a cross-process array with no target in a multi-process run."""
     path = next((p for p, node in walk(manifest) if node.get("s") == slot), "?")
-    return ValueError(
+    return StructureMismatchError(
         f"Leaf {path or '<root>'} was saved as a jax.Array sharded across processes, and "
         f"this restore (process {jax.process_index()} of {jax.process_count()}) has no "
         "target for it. In a multi-process run, pass a target whose leaf is a jax.Array or "

@@ -15,6 +15,7 @@ import numpy as np
 import tensorstore as ts
 
 from datarax_ckpt import _hostcopy, _multihost
+from datarax_ckpt._errors import DeviceMemoryError
 
 
 @dataclasses.dataclass
@@ -33,10 +34,6 @@ class StoredSpec:
     shape: tuple[int, ...]
     dtype: Any
     sharding: Any = None
-
-
-class DeviceMemoryError(MemoryError):
-    """A device-side snapshot did not fit in device memory."""
 
 
 def resolve_snapshot_mode(snapshot: str) -> str:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 from typing import Any
 
 import numpy as np
 from etils import epath
+
+from datarax_ckpt._errors import (
+    CheckpointNotADirectoryError,
+    CheckpointPathError,
+    NestingTooDeepError,
+)
 
 
 def step(value: Any) -> int | None:
@@ -49,7 +56,25 @@ def flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__}).")
 
 
-def _check_json(value: Any, path: str) -> None:
+# How deep a state (or metadata) may nest: the root is level 1, each container's children
+# one level below it. Real states nest far less (an optax state over a Flax NNX
+# transformer: about 12 levels); restoring walks the tree recursively, about 3 Python
+# frames per level, and failed with RecursionError from ~330 levels, so save() refuses
+# more than this, and a manifest nested deeper is not one this library wrote.
+MAX_DEPTH = 100
+
+
+def too_deep(path: str, what: str = "The state") -> NestingTooDeepError:
+    return NestingTooDeepError(
+        f"{what} nests deeper than {MAX_DEPTH} levels (datarax_ckpt.serialization.MAX_DEPTH)"
+        f" at {path or '<root>'}. A checkpoint that deep could not be restored reliably. "
+        "Flatten it, e.g. store a chain of nested containers as a list."
+    )
+
+
+def _check_json(value: Any, path: str, depth: int = 1) -> None:
+    if depth > MAX_DEPTH:
+        raise too_deep(f"metadata{path}", "The metadata")
     if value is None or type(value) in (bool, int, str):
         return
     if type(value) is float:
@@ -66,11 +91,11 @@ def _check_json(value: Any, path: str) -> None:
                     f"metadata{path} has key {key!r} of type {type(key).__name__}; JSON object "
                     "keys must be str (an int key would come back as a str). Use str keys."
                 )
-            _check_json(item, f"{path}[{key!r}]")
+            _check_json(item, f"{path}[{key!r}]", depth + 1)
         return
     if type(value) is list:
         for i, item in enumerate(value):
-            _check_json(item, f"{path}[{i}]")
+            _check_json(item, f"{path}[{i}]", depth + 1)
         return
     hint = " (a tuple would come back as a list: use a list)" if type(value) is tuple else ""
     raise TypeError(
@@ -93,12 +118,79 @@ def metadata(value: Any) -> dict:
 def directory(value: Any) -> epath.Path:
     if not isinstance(value, str | epath.PathLike):
         raise TypeError(f"directory must be a str or path, got {type(value).__name__}.")
+    if isinstance(value, str) and not value:  # "" would mean the current directory
+        raise CheckpointPathError(
+            "directory is the empty string. Pass the checkpoint directory's path (use "
+            "'.' to mean the current directory)."
+        )
+    if "\0" in str(value):
+        raise CheckpointPathError(
+            f"directory {str(value)!r} contains a NUL byte, which no file system accepts."
+        )
     path = epath.Path(value)
     if "://" not in str(value):
         path = path.absolute()  # Orbax requires absolute local paths
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(
+        raise CheckpointNotADirectoryError(
             f"Checkpoint directory {path} is a file. Pass a directory path (it is created "
             "if missing)."
         )
     return path
+
+
+# Room left below the directory for the longest path written there: the longest file of
+# a saved ckpt-1/ was 65 bytes (state/ocdbt.process_0/d/<32 hex>); a 20-digit step in its
+# .orbax-checkpoint-tmp-<timestamp> folder, or moved into .datarax-trash/ with a 32-hex
+# suffix, adds about 70 more.
+_ROOM_BELOW = 256
+
+
+def save_directory(value: Any) -> epath.Path:
+    """:func:`directory`, plus the checks a save needs before it is queued.
+
+    The background write would otherwise fail later (or TensorStore refuse the path):
+    a path that is not UTF-8, a folder above it that is a file, a name too long.
+    """
+    path = directory(value)
+    text = str(path)
+    if "://" in text:
+        return path
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointPathError(
+            f"Checkpoint directory {text!r} is not valid UTF-8 (it holds bytes decoded "
+            "with surrogateescape). TensorStore, which writes the arrays, takes only UTF-8 "
+            "paths: save under a UTF-8 name, or rename the folder."
+        ) from None
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointNotADirectoryError(
+            f"Checkpoint directory {path} cannot be created: {existing} is a file, not a "
+            "folder. Pass a path whose existing part is a directory."
+        )
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    for name in path.parts:
+        if len(os.fsencode(name)) > name_max:
+            raise CheckpointPathError(
+                f"A folder name in the checkpoint directory, {name[:20] + '...'!r}, is "
+                f"{len(os.fsencode(name))} bytes long; this file system allows at most "
+                f"{name_max}. Use a shorter name."
+            )
+    size, path_max = len(os.fsencode(text)), _pathconf(existing, "PC_PATH_MAX", 4096)
+    if size + _ROOM_BELOW > path_max:
+        raise CheckpointPathError(
+            f"The checkpoint directory's path is {size} bytes long ({text[:30] + '...'!r}); "
+            f"the files below it need it to be at most {path_max - _ROOM_BELOW} bytes (this "
+            f"file system allows {path_max}). Use a shorter path."
+        )
+    return path
+
+
+def _pathconf(path: epath.Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default

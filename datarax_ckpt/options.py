@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from typing import Literal
 
 # Leaves at or below this many bytes are packed into one contiguous buffer per
@@ -48,6 +49,24 @@ class CheckpointOptions:
             before returning it (default True; measured: -2% to +11% on a 1 GiB restore
             on the 2-core CI machine, see ``docs/trust.md``). ``restore(verify=...)``
             overrides it per call.
+        save_interval_steps: Save only steps that are multiples of this (Orbax's
+            ``FixedIntervalPolicy``): ``save()`` at another step writes nothing and
+            returns None, so a training loop can call it every step; ``save(...,
+            force=True)`` saves anyway. See also ``handler.should_save``.
+        keep_period: Keep every step that is a multiple of this forever, beside the
+            newest ``keep`` (Orbax's ``EveryNSteps``).
+        keep_best: Keep the best ``keep_best`` steps by ``best_metric``, beside the
+            newest ``keep`` (Orbax's ``BestN``). A step whose metadata lacks the metric
+            is not a candidate: it is kept only by the other rules.
+        best_metric: The top-level ``metadata`` key whose number ranks steps for
+            ``keep_best`` (e.g. ``"eval_loss"``). Required with ``keep_best``.
+        best_mode: ``"min"`` (default): a smaller metric is better; ``"max"``: larger.
+        keep_time_interval: Keep one step per this interval forever (e.g.
+            ``datetime.timedelta(hours=1)``; whole seconds, at least 1 s), beside the
+            newest ``keep`` (Orbax's ``EveryNSeconds``, timed by each step's commit).
+
+        ``keep_period``, ``keep_best`` and ``keep_time_interval`` only add to a save's
+        ``keep``: with ``keep=None`` every step is kept anyway.
 
     Raises:
         ValueError: if a value is out of range.
@@ -70,6 +89,12 @@ class CheckpointOptions:
     cleanup_tmp_directories: bool = True
     checksums: bool = True
     verify_on_restore: bool = True
+    save_interval_steps: int | None = None
+    keep_period: int | None = None
+    keep_best: int | None = None
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "min"
+    keep_time_interval: datetime.timedelta | None = None
 
     def __post_init__(self):
         for name in (
@@ -89,6 +114,36 @@ class CheckpointOptions:
             _check_int("max_pending_bytes", self.max_pending_bytes, minimum=1)
         _check_choice("snapshot", self.snapshot, ("auto", "device", "host"))
         _check_choice("on_backpressure", self.on_backpressure, ("wait", "skip"))
+        for name in ("save_interval_steps", "keep_period", "keep_best"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        _check_choice("best_mode", self.best_mode, ("min", "max"))
+        if self.best_metric is not None and (
+            not isinstance(self.best_metric, str) or not self.best_metric
+        ):
+            raise TypeError(
+                f"CheckpointOptions.best_metric must be a metadata key (a non-empty str), "
+                f"got {self.best_metric!r}."
+            )
+        if (self.keep_best is None) != (self.best_metric is None):
+            raise ValueError(
+                "CheckpointOptions.keep_best and best_metric go together: keep_best=K keeps "
+                "the K best steps by the metadata value named by best_metric, e.g. "
+                f'keep_best=3, best_metric="eval_loss" (got keep_best={self.keep_best!r}, '
+                f"best_metric={self.best_metric!r})."
+            )
+        interval = self.keep_time_interval
+        if interval is not None:
+            if not isinstance(interval, datetime.timedelta):
+                raise TypeError(
+                    "CheckpointOptions.keep_time_interval must be a datetime.timedelta, "
+                    f"got {interval!r}."
+                )
+            if interval.total_seconds() < 1:
+                raise ValueError(
+                    "CheckpointOptions.keep_time_interval must be at least 1 second (Orbax "
+                    f"counts whole seconds), got {interval}."
+                )
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

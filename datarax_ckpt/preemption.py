@@ -259,7 +259,9 @@ class PreemptionGuard:
             if isinstance(state, _STATE_FUNCTIONS):
                 state = state()
             metadata = {**(metadata or {}), "preempted_by": self._received.name}
-            self.handler.save(self.directory, state, step=step, keep=self.keep, metadata=metadata)
+            self.handler.save(  # force: saved even off CheckpointOptions.save_interval_steps
+                self.directory, state, step=step, keep=self.keep, metadata=metadata, force=True
+            )
             self.handler.wait_until_finished()
             logger.warning("Preemption: saved step %d to %s.", step, self.directory)
         self.saved_step = step

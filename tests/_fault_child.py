@@ -61,6 +61,9 @@ _HOOKS = {
     # retention is removing an old step's files (dies before the nth); deletion of old
     # steps is the only caller of os.unlink/os.rmdir in a save
     "retention.unlink": [(os, "unlink", False), (os, "rmdir", False)],
+    # rollback (run alone, see rollback()) is about to change the file system: the trash
+    # folder's creation, each step's rename into it, and each deletion that follows
+    "rollback.fs": [(os, f, False) for f in ("mkdir", "rename", "unlink", "rmdir")],
 }
 POINTS = tuple(_HOOKS)
 
@@ -239,6 +242,14 @@ def train(directory: str, first_step: int, n_steps: int, keep: int, progress: st
     os.close(fd)
 
 
+def rollback(directory: str, step: int, progress: str) -> None:
+    """Rolls ``directory`` back to ``step`` and writes the deleted steps to ``progress``."""
+    with OrbaxCheckpointHandler() as handler:
+        deleted = handler.rollback(directory, step)
+    with open(progress, "w") as f:
+        f.write(json.dumps(deleted))
+
+
 def read_progress(progress: str) -> tuple[set[int], int]:
     """``(issued steps, last durable step or -1)`` from a progress file."""
     issued, durable = set(), -1
@@ -262,13 +273,16 @@ def _run_trial(trial: dict) -> None:
     code = 0
     try:
         arm(trial["point"], trial["nth"], trial["delay_ms"])
-        train(
-            trial["directory"],
-            trial["first_step"],
-            trial["n_steps"],
-            trial["keep"],
-            trial["progress"],
-        )
+        if "rollback_to" in trial:
+            rollback(trial["directory"], trial["rollback_to"], trial["progress"])
+        else:
+            train(
+                trial["directory"],
+                trial["first_step"],
+                trial["n_steps"],
+                trial["keep"],
+                trial["progress"],
+            )
     except BaseException:  # noqa: BLE001 - reported through the exit status and log
         traceback.print_exc()
         code = 1
@@ -289,15 +303,17 @@ def storage_faults(full_dir: str, full_mounted: bool, ro_dir: str, ro_mounted: b
     for step in range(30):
         try:
             handler.save(full_dir, make_state(step), step=step)
-        except OSError as e:
-            report["full"].append(e.errno)
+        except* OSError as e:  # several at once come as one BackgroundSaveError
+            report["full"].extend(error.errno for error in e.exceptions)
+        if report["full"]:
             break
     while True:  # every failed save is reported once
         try:
             handler.wait_until_finished()
+        except* OSError as e:
+            report["full"].extend(error.errno for error in e.exceptions)
+        else:
             break
-        except OSError as e:
-            report["full"].append(e.errno)
     clear_storage_errors()
     handler.save(ro_dir, make_state(0), step=0)
     handler.wait_until_finished()

@@ -194,7 +194,7 @@ def scenario_save(args, result: dict) -> None:
             handler.restore(steps_dir)
             result["restore_no_target"] = "no error"
         except ValueError as e:
-            result["restore_no_target"] = str(e)
+            result["restore_no_target"] = f"{type(e).__name__}: {e}"
 
         differing = make_state(5, mesh, SAVE_SPECS)
         differing["local"] = jax.numpy.full((3,), pid, dtype=np.float32)  # host-local
@@ -214,11 +214,27 @@ def scenario_save(args, result: dict) -> None:
             result["one_fails"] = f"{type(e).__name__}: {e}"
         result["steps_after_errors"] = handler.get_checkpoint_steps(steps_dir)
 
-        handler.save(steps_dir, make_state(30, mesh, SAVE_SPECS), step=3, overwrite=True)
+        # Overwrite the latest step (only it can be), with another keep (Orbax's manager
+        # is rebuilt with the new retention on every process).
+        state = make_state(40, mesh, SAVE_SPECS)
+        handler.save(steps_dir, state, step=4, overwrite=True, metadata={"step": 4})
         handler.wait_until_finished()
-        restored = handler.restore(steps_dir, make_target(mesh, SAVE_SPECS), step=3)
-        result["overwritten"] = differences(restored, 30)
+        restored = handler.restore(steps_dir, make_target(mesh, SAVE_SPECS), step=4)
+        result["overwritten"] = differences(restored, 40)
         result["steps_after_overwrite"] = handler.get_checkpoint_steps(steps_dir)
+
+        # Resuming from an earlier step: refused on every process, then a rollback.
+        rolled_dir = os.path.join(args.directory, "rolled")
+        for step in (1, 2, 3):
+            handler.save(rolled_dir, make_state(step, mesh, SAVE_SPECS), step=step)
+        try:
+            handler.save(rolled_dir, make_state(2, mesh, SAVE_SPECS), step=2)
+            result["step_order"] = "no error"
+        except ValueError as e:
+            result["step_order"] = f"{type(e).__name__}: {e}"
+        result["rolled_back"] = handler.rollback(rolled_dir, 1)
+        handler.save(rolled_dir, make_state(2, mesh, SAVE_SPECS), step=2)
+        result["steps_after_rollback"] = handler.get_checkpoint_steps(rolled_dir)
         result["leftovers"] = leftovers(steps_dir) + leftovers(plain_dir)
 
 
@@ -230,9 +246,9 @@ def scenario_restore(args, result: dict) -> None:
     steps_dir = os.path.join(args.directory, "steps")
     with OrbaxCheckpointHandler() as handler:
         restored = handler.restore(steps_dir, make_target(mesh, RESTORE_SPECS))
-        result["restore_latest"] = differences(restored, 4, RESTORE_SPECS, mesh)
+        result["restore_latest"] = differences(restored, 40, RESTORE_SPECS, mesh)
         restored = handler.restore(steps_dir, make_target(mesh, RESTORE_SPECS), step=3)
-        result["restore_step3"] = differences(restored, 30, RESTORE_SPECS, mesh)
+        result["restore_step3"] = differences(restored, 3, RESTORE_SPECS, mesh)
         result["metadata"] = handler.restore(steps_dir, metadata_only=True)
         result["steps_after"] = handler.get_checkpoint_steps(steps_dir)
         result["leftovers"] = leftovers(steps_dir)

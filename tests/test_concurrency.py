@@ -61,10 +61,14 @@ def test_threads_saving_and_restoring_through_one_handler(tmp_path):
     restored = []
 
     first_saved = threading.Event()
+    steps = iter(range(24))
+    in_order = threading.Lock()  # a save below a newer step is refused: steps go up
 
-    def writer(first: int):
-        for step in range(first, first + 6):
-            handler.save(tmp_path, _state(step), step=step, metadata={"s": step})
+    def writer():
+        for _ in range(6):
+            with in_order:
+                step = next(steps)
+                handler.save(tmp_path, _state(step), step=step, metadata={"s": step})
             first_saved.set()
 
     def reader(seed: int):
@@ -75,11 +79,10 @@ def test_threads_saving_and_restoring_through_one_handler(tmp_path):
             assert_same(handler.restore(tmp_path, step=step), _state(step))
             restored.append(step)
 
-    writers = [lambda f=first: writer(f) for first in (0, 100, 200, 300)]
-    _run_threads([*writers, lambda: reader(1), lambda: reader(2)])
+    _run_threads([writer, writer, writer, writer, lambda: reader(1), lambda: reader(2)])
     handler.close()
 
-    expected = sorted(f + i for f in (0, 100, 200, 300) for i in range(6))
+    expected = list(range(24))
     with OrbaxCheckpointHandler() as fresh:
         assert fresh.get_checkpoint_steps(tmp_path) == expected
         for step in expected:

@@ -514,12 +514,16 @@ def test_sigkill_during_async_save_keeps_previous_step(tmp_path):
 
 def test_many_threads_share_one_handler(handler, tmp_path):
     errors = []
+    steps = iter(range(20))
+    in_order = threading.Lock()  # steps must reach save() in increasing order
 
     def worker(index):
         try:
-            for i in range(5):
-                step = index * 100 + i
-                handler.save(tmp_path, {"v": jnp.full(8, step, jnp.int32), "s": step}, step=step)
+            for _ in range(5):
+                with in_order:
+                    step = next(steps)
+                    state = {"v": jnp.full(8, step, jnp.int32), "s": step}
+                    handler.save(tmp_path, state, step=step)
                 restored = handler.restore(tmp_path, step=step)
                 assert restored["s"] == step and int(restored["v"][0]) == step
         except Exception as e:  # noqa: BLE001 - collected and asserted below
@@ -531,9 +535,7 @@ def test_many_threads_share_one_handler(handler, tmp_path):
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    assert handler.get_checkpoint_steps(tmp_path) == sorted(
-        i * 100 + j for i in range(4) for j in range(5)
-    )
+    assert handler.get_checkpoint_steps(tmp_path) == list(range(20))
 
 
 # ------------------------------------------------------------------ backpressure
@@ -547,5 +549,8 @@ def test_skip_policy_drops_saves_when_the_queue_is_full(tmp_path, caplog):
         steps = h.get_checkpoint_steps(tmp_path)
     assert results[0] is not None
     skipped = [s for s, r in enumerate(results) if r is None]
+    # Four 16 MB saves back to back: each capture takes milliseconds, each write tens of
+    # milliseconds, so with one pending save allowed at least one must have been dropped.
+    assert skipped, "no save was skipped although the queue held one pending save"
     assert steps == [s for s in range(4) if s not in skipped]
     assert len(skipped) == sum("Skipped the save" in r.message for r in caplog.records)

@@ -52,10 +52,13 @@ def test_gather_of_one_large_source_fills_every_byte():
     np.testing.assert_array_equal(destination, source)
 
 
-def test_gather_of_nothing_is_a_no_op():
+def test_gather_skips_empty_destinations_beside_real_ones():
+    # Zero-size leaves and empty packs reach gather as empty jobs next to real ones.
     _hostcopy.gather([])
-    destination = np.empty(0, np.float32)
-    _hostcopy.gather([(destination, [])])
+    source = np.arange(1000, dtype=np.float32)
+    filled = np.full(1000, -1, np.float32)
+    _hostcopy.gather([(np.empty(0, np.float32), []), (filled, [source])])
+    np.testing.assert_array_equal(filled, source)
 
 
 def test_threads_is_between_one_and_four():

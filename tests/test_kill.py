@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ KEEP = 2
 EXTERNAL = "external"  # killed by this process at a random time, not from a hook
 # Kill points that always leave a temporary folder or a half-emptied trash behind.
 LEAVE_DEBRIS = ("write.json", "commit.before_rename", "retention.unlink")
+ROLLBACK = "rollback.fs"  # tested alone, below
 LONG_TRIALS = int(os.environ.get("DATARAX_CKPT_KILL_TRIALS", "0"))
 SEED = int(os.environ.get("DATARAX_CKPT_KILL_SEED", "0"))
 CHILD = Path(__file__).with_name("_fault_child.py")
@@ -53,7 +55,7 @@ def _draw(point: str, rng: random.Random) -> tuple[int, float]:
 def _schedule() -> dict[str, list[tuple[int, float]]]:
     """Trials per kill point: 2 each by default (3 external), or LONG_TRIALS in total."""
     rng = random.Random(SEED)
-    points = [*POINTS, EXTERNAL]
+    points = [p for p in POINTS if p != ROLLBACK] + [EXTERNAL]
     if LONG_TRIALS:
         chosen = [points[i % len(points)] for i in range(LONG_TRIALS)]
     else:
@@ -166,3 +168,40 @@ def test_kill_at_any_point_then_resume(zygote, tmp_path, point):
         trial_issued, durable = read_progress(str(progress))
         issued |= trial_issued
         first_step = _verify_and_resume(directory, issued, durable)
+
+
+def test_rollback_survives_a_kill_at_every_point_of_its_deletion(zygote, tmp_path):
+    """Rolls ``[0, 1, 2, 3]`` back to 1, SIGKILLed before its 1st, 2nd, ... file-system
+    change in turn, until one run finishes: after each kill the listed steps are the
+    steps up to some step (newest deleted first), each restores bit-exactly, and a
+    second rollback finishes the job and leaves no trash behind."""
+    template = tmp_path / "template"
+    with OrbaxCheckpointHandler() as handler:
+        for step in range(4):
+            handler.save(template, make_state(step), step=step, metadata={"s": step})
+    seen = set()
+    for nth in range(1, 400):
+        directory, progress = tmp_path / f"run-{nth}", tmp_path / f"progress-{nth}"
+        shutil.copytree(template, directory)
+        trial = {"directory": str(directory), "rollback_to": 1, "point": ROLLBACK, "nth": nth}
+        trial |= {"delay_ms": 0.0, "progress": str(progress), "log": str(tmp_path / "log")}
+        result = zygote.run(trial)
+        if result["signal"] is None:  # no nth change: the rollback ran to its end
+            assert result["code"] == 0, (tmp_path / "log").read_text()
+            assert json.loads(progress.read_text()) == [2, 3]
+            break
+        assert result["signal"] == signal.SIGKILL, result
+        with OrbaxCheckpointHandler() as handler:
+            steps = handler.get_checkpoint_steps(directory)
+            assert steps in ([0, 1], [0, 1, 2], [0, 1, 2, 3]), steps
+            seen.add(len(steps))
+            for step in steps:
+                assert_same(handler.restore(directory, step=step), make_state(step))
+            assert handler.rollback(directory, 1) == steps[2:]
+            assert handler.get_checkpoint_steps(directory) == [0, 1]
+        assert _leftovers(directory) == []
+        shutil.rmtree(directory)
+    else:
+        pytest.fail("the rollback never finished")
+    assert seen == {2, 3, 4}, "kills landed before, between and after the two renames"
+    assert _leftovers(directory) == [] and sorted(os.listdir(directory)) == ["ckpt-0", "ckpt-1"]

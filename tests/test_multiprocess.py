@@ -128,6 +128,15 @@ def test_overwrite_replaces_the_step_and_leaves_no_backup(saved):
     assert sorted(os.listdir(directory / "steps")) == ["ckpt-3", "ckpt-4"]
 
 
+def test_a_save_below_a_newer_step_is_refused_everywhere_and_rollback_is_collective(saved):
+    _, results = saved
+    for r in results:
+        assert r["step_order"].startswith("StepOrderError: Cannot save step 2 to ")
+        assert "newer steps [3]" in r["step_order"]
+        assert r["rolled_back"] == [2, 3]
+        assert r["steps_after_rollback"] == [1, 2]
+
+
 def test_host_local_values_that_differ_between_processes_are_refused_everywhere(saved):
     _, results = saved
     for r in results:
@@ -153,7 +162,9 @@ def test_host_local_leaves_restore_on_every_process_without_target(saved):
 def test_restore_without_target_names_the_sharded_leaf(saved):
     _, results = saved
     for r in results:
-        assert r["restore_no_target"].startswith("Leaf ['params']['w'] was saved as a jax.Array")
+        assert r["restore_no_target"].startswith(
+            "StructureMismatchError: Leaf ['params']['w'] was saved as a jax.Array"
+        )
         assert "NamedSharding to restore onto" in r["restore_no_target"]
 
 
@@ -163,11 +174,11 @@ def test_restore_on_one_process_with_four_devices_is_bit_exact(saved):
     with OrbaxCheckpointHandler() as handler:
         target = worker.make_target(mesh, worker.RESTORE_SPECS)
         restored = handler.restore(directory / "steps", target)
-        assert worker.differences(restored, 4, worker.RESTORE_SPECS, mesh) == []
+        assert worker.differences(restored, 40, worker.RESTORE_SPECS, mesh) == []
         # In one process no target is needed: arrays come back on one device.
         plain = handler.restore(directory / "steps", step=3)
     assert plain["params"]["w"].sharding.device_set == {jax.local_devices()[0]}
-    np.testing.assert_array_equal(plain["params"]["w"], worker.expected(30)["w"])
+    np.testing.assert_array_equal(plain["params"]["w"], worker.expected(3)["w"])
     assert plain["name"] == "run-a"
 
 

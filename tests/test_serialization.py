@@ -3,7 +3,6 @@
 import collections
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -92,15 +91,13 @@ def test_typed_prng_keys_keep_their_impl_and_batch_shape(impl, batch):
     assert jax.random.normal(flat_restored) == jax.random.normal(flat_keys)
 
 
-def test_long_string_is_one_buffer_and_fast():
+def test_long_string_is_one_buffer():
     text = "αβγ-" * 1250  # 5,000 characters
-    start = time.perf_counter()
     arrays, manifest = serialization.serialize({"s": text})
     restored = serialization.deserialize(arrays, manifest)
-    elapsed = time.perf_counter() - start
     assert restored["s"] == text
     assert len(arrays) == 1  # one uint8 buffer, not a leaf per character
-    assert elapsed < 1.0, f"5,000-character string took {elapsed:.3f} s"
+    assert manifest["slots"][0]["shape"] == [len(text.encode())]
 
 
 def test_packing_on_and_off_read_each_other():
