@@ -413,19 +413,30 @@ def _check_manifest(structure: Structure, arrays: bool) -> None:
         _manifest.check_format(manifest)
     except CheckpointError:
         # Not ours, or a newer version: the reader says so (CheckpointFormatError),
-        # unless the recorded checksum shows the manifest was damaged instead.
+        # unless the manifest was read and is damaged: no format and version fields,
+        # or (recorded) a checksum that differs.
+        read = _MANIFEST_FILE in structure.scan.files and not any(
+            p.file == _MANIFEST_FILE for p in structure.problems
+        )
+        if not read:
+            return
         recorded = ((structure.checksums or {}).get("items") or {}).get(_layout.ITEM_MANIFEST)
-        if manifest is not None and recorded is not None:
-            from datarax_ckpt._integrity import hash_json
+        from datarax_ckpt._integrity import hash_json
 
-            if hash_json(manifest) != recorded:
-                structure.problems.append(
-                    Problem(
-                        "checksum_mismatch",
-                        "the manifest differs from its checksum",
-                        _MANIFEST_FILE,
-                    )
-                )
+        if recorded is not None and hash_json(manifest) != recorded:
+            problem = Problem(
+                "checksum_mismatch", "the manifest differs from its checksum", _MANIFEST_FILE
+            )
+            structure.problems.append(problem)
+        elif not (
+            isinstance(manifest, dict)
+            and isinstance(manifest.get("format"), str)
+            and type(manifest.get("version")) is int
+        ):
+            problem = Problem(
+                "invalid_manifest", "not a manifest: no format and version", _MANIFEST_FILE
+            )
+            structure.problems.append(problem)
         return
     orbax_tree = None
     state_metadata = f"{_layout.ITEM_STATE}/_METADATA"

@@ -149,6 +149,8 @@ def run(pristine: str, examples: int) -> dict:
         @example(mutation=("json", "ckpt-1/_CHECKPOINT_METADATA", [], 1))
         # Orbax's record of the items lost: still our checkpoint, damaged, not foreign.
         @example(mutation=("json", "ckpt-2/_CHECKPOINT_METADATA", [3], 14))
+        # The manifest replaced by JSON null: damage, not a foreign checkpoint.
+        @example(mutation=("json", "ckpt-2/manifest/metadata", [], 0))
         def case(mutation):
             work = scratch / "work"
             root = work / "run"
