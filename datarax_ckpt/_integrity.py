@@ -38,6 +38,7 @@ from etils import epath
 
 from datarax_ckpt import _hostcopy, _layout, _reading, _safeio
 from datarax_ckpt._errors import CheckpointError
+from datarax_ckpt._manifest import slot_paths, stored_arrays
 from datarax_ckpt._structure import (
     _JSON_FILE,
     _JSON_ITEMS,
@@ -46,13 +47,11 @@ from datarax_ckpt._structure import (
     Structure,
     VerifyReport,
     _first_line,
-    _slot_paths,
     _step_of,
     _stored_keys,
     corrupted,
     inspect,
     is_storage_error,
-    stored_arrays,
 )
 
 ALGORITHM = "xxh3_64"
@@ -306,7 +305,7 @@ def _damaged_leaves(value: Any, record: dict, structure: Structure) -> tuple[str
     bounds = {
         slot: (a, b) for segs in _pack_segments(structure.manifest).values() for slot, a, b in segs
     }
-    paths = _slot_paths(structure.manifest)
+    paths = slot_paths(structure.manifest)
     bad = []
     for slot, expected in sums.items():
         start, stop = bounds.get(int(slot), (0, 0))

@@ -17,6 +17,7 @@ import math
 import re
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from datarax_ckpt import _validate
@@ -49,7 +50,6 @@ _CANDIDATE_DTYPES = (
 def allowed_dtypes() -> dict[str, np.dtype]:
     """``{name: dtype}`` of the dtypes a checkpoint may declare (jax and TensorStore both
     know them; the save side refuses the others)."""
-    import jax.numpy as jnp
     import tensorstore as ts
 
     out = {}
@@ -225,7 +225,7 @@ def validate(
         if not _is_int(pack.get("size")):
             raise Invalid(f"pack {key} declares no size", key=key)
         stored[key] = (dtype, _shape([pack["size"]], dtype, f"pack {key}"))
-    slot_paths: dict[int, str] = {}
+    paths: dict[int, str] = {}
     for path, node in leaves:
         kind = node["t"]
         if kind == "bool" and not isinstance(node.get("v"), bool):
@@ -240,15 +240,15 @@ def validate(
                 raise Invalid(f"the complex at {path} has no value", leaf=path)
         if kind in ("array", "key", "str", "bytes"):
             slot = node.get("s")
-            if not _is_int(slot) or not 0 <= slot < len(slots) or slot in slot_paths:
+            if not _is_int(slot) or not 0 <= slot < len(slots) or slot in paths:
                 raise Invalid(f"the leaf at {path} has a bad or shared slot {slot!r}", leaf=path)
-            slot_paths[slot] = path
+            paths[slot] = path
             _check_slot(node, slots[slot], packs, stored, path)
     if orbax_tree is not None:
         _check_against_orbax(stored, orbax_tree)
     if checksums is not None:
         _check_against_checksums(stored, checksums)
-    return Manifest(raw, leaves, slot_paths, stored)
+    return Manifest(raw, leaves, paths, stored)
 
 
 def _check_slot(node: dict, entry: Any, packs: list, stored: dict, path: str) -> None:
@@ -349,3 +349,97 @@ def stored_keys(raw: dict) -> list[str]:
         if isinstance(entry, dict) and isinstance(entry.get("key"), str):
             keys.append(entry["key"])
     return keys
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """One logical leaf of a saved tree, as the manifest describes it."""
+
+    path: str
+    kind: str  # "array", "key", "str", "bytes", "int", "float", "bool", "complex", "none"
+    dtype: str
+    shape: tuple[int, ...] | None
+    nbytes: int
+    stored: str  # "a3", "p0[12:15]", "manifest" or "empty"
+    lib: str | None = None  # for arrays: "jax", "numpy" or "npscalar"
+    value: Any = None  # Python scalars only
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["shape"] = list(self.shape) if self.shape is not None else None
+        return out
+
+
+def _storage_of(manifest: dict, slot: int) -> tuple[str | None, str]:
+    entry = manifest["slots"][slot]
+    if "key" in entry:
+        return entry["key"], entry["key"]
+    if "pack" in entry:
+        key = manifest["packs"][entry["pack"]]["key"]
+        size = math.prod(entry["shape"])
+        return key, f"{key}[{entry['offset']}:{entry['offset'] + size}]"
+    return None, "empty"
+
+
+def leaf_table(manifest: dict | Manifest) -> list[LeafInfo]:
+    """Every logical leaf (packed ones included) with its kind, dtype, shape and bytes.
+
+    Raises:
+        Invalid: for a manifest (dict) that does not validate.
+    """
+    checked = manifest if isinstance(manifest, Manifest) else validate(manifest)
+    manifest = checked.raw
+    leaves = []
+    for path, node in checked.leaves:
+        kind = node["t"]
+        if "s" not in node:
+            value = complex(*node["v"]) if kind == "complex" else node.get("v")
+            shape = () if kind != "none" else None
+            leaves.append(LeafInfo(path, kind, kind, shape, 0, "manifest", value=value))
+            continue
+        slot = manifest["slots"][node["s"]]
+        _, stored = _storage_of(manifest, node["s"])
+        shape = tuple(slot["shape"])
+        nbytes = math.prod(shape) * jnp.dtype(slot["dtype"]).itemsize
+        if kind == "key":
+            leaves.append(LeafInfo(path, kind, f"key<{node['impl']}>", shape[:-1], nbytes, stored))
+        elif kind in ("str", "bytes"):
+            leaves.append(LeafInfo(path, kind, kind, None, nbytes, stored))
+        else:
+            leaves.append(
+                LeafInfo(path, kind, slot["dtype"], shape, nbytes, stored, lib=node.get("lib"))
+            )
+    return leaves
+
+
+def stored_arrays(manifest: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """``{storage key: (dtype, shape)}`` of the arrays Orbax holds for a manifest."""
+    out = {p["key"]: (jnp.dtype(p["dtype"]), (p["size"],)) for p in manifest["packs"]}
+    for entry in manifest["slots"]:
+        if "key" in entry:
+            out[entry["key"]] = (jnp.dtype(entry["dtype"]), tuple(entry["shape"]))
+    return out
+
+
+def slot_paths(manifest: dict) -> dict[int, str]:
+    return {node["s"]: path for path, node in walk(manifest["tree"]) if "s" in node}
+
+
+def leaves_by_key(manifest: dict | None) -> dict[str, list[str]]:
+    """``{storage key: [tree paths of the leaves stored in it]}`` (empty if unreadable)."""
+    if manifest is None:
+        return {}
+    try:
+        nodes = walk(manifest["tree"])
+        out: dict[str, list[str]] = {}
+        for path, node in nodes:
+            if "s" in node:
+                key, _ = _storage_of(manifest, node["s"])
+                if key is not None:
+                    out.setdefault(key, []).append(path)
+        return out
+    except (Invalid, KeyError, IndexError, TypeError, ValueError):
+        return {}

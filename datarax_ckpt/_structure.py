@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Iterator
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
 from etils import epath
 
 from datarax_ckpt import _layout, _manifest, _safeio
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
+from datarax_ckpt._manifest import leaf_table as leaf_table  # for the CLI and tests
+from datarax_ckpt._manifest import leaves_by_key, stored_arrays
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed step folder
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -67,97 +66,6 @@ def is_storage_error(error: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------- manifest views
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafInfo:
-    """One logical leaf of a saved tree, as the manifest describes it."""
-
-    path: str
-    kind: str  # "array", "key", "str", "bytes", "int", "float", "bool", "complex", "none"
-    dtype: str
-    shape: tuple[int, ...] | None
-    nbytes: int
-    stored: str  # "a3", "p0[12:15]", "manifest" or "empty"
-    lib: str | None = None  # for arrays: "jax", "numpy" or "npscalar"
-    value: Any = None  # Python scalars only
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["shape"] = list(self.shape) if self.shape is not None else None
-        return out
-
-
-def _storage_of(manifest: dict, slot: int) -> tuple[str | None, str]:
-    entry = manifest["slots"][slot]
-    if "key" in entry:
-        return entry["key"], entry["key"]
-    if "pack" in entry:
-        key = manifest["packs"][entry["pack"]]["key"]
-        size = math.prod(entry["shape"])
-        return key, f"{key}[{entry['offset']}:{entry['offset'] + size}]"
-    return None, "empty"
-
-
-def leaf_table(manifest: dict | _manifest.Manifest) -> list[LeafInfo]:
-    """Every logical leaf (packed ones included) with its kind, dtype, shape and bytes.
-
-    Raises:
-        _manifest.Invalid: for a manifest (dict) that does not validate.
-    """
-    checked = manifest if isinstance(manifest, _manifest.Manifest) else _manifest.validate(manifest)
-    manifest = checked.raw
-    leaves = []
-    for path, node in checked.leaves:
-        kind = node["t"]
-        if "s" not in node:
-            value = complex(*node["v"]) if kind == "complex" else node.get("v")
-            shape = () if kind != "none" else None
-            leaves.append(LeafInfo(path, kind, kind, shape, 0, "manifest", value=value))
-            continue
-        slot = manifest["slots"][node["s"]]
-        _, stored = _storage_of(manifest, node["s"])
-        shape = tuple(slot["shape"])
-        nbytes = math.prod(shape) * jnp.dtype(slot["dtype"]).itemsize
-        if kind == "key":
-            leaves.append(LeafInfo(path, kind, f"key<{node['impl']}>", shape[:-1], nbytes, stored))
-        elif kind in ("str", "bytes"):
-            leaves.append(LeafInfo(path, kind, kind, None, nbytes, stored))
-        else:
-            leaves.append(
-                LeafInfo(path, kind, slot["dtype"], shape, nbytes, stored, lib=node.get("lib"))
-            )
-    return leaves
-
-
-def stored_arrays(manifest: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """``{storage key: (dtype, shape)}`` of the arrays Orbax holds for a manifest."""
-    out = {p["key"]: (jnp.dtype(p["dtype"]), (p["size"],)) for p in manifest["packs"]}
-    for entry in manifest["slots"]:
-        if "key" in entry:
-            out[entry["key"]] = (jnp.dtype(entry["dtype"]), tuple(entry["shape"]))
-    return out
-
-
-def _slot_paths(manifest: dict) -> dict[int, str]:
-    return {node["s"]: path for path, node in _manifest.walk(manifest["tree"]) if "s" in node}
-
-
-def leaves_by_key(manifest: dict | None) -> dict[str, list[str]]:
-    """``{storage key: [tree paths of the leaves stored in it]}`` (empty if unreadable)."""
-    if manifest is None:
-        return {}
-    try:
-        nodes = _manifest.walk(manifest["tree"])
-        out: dict[str, list[str]] = {}
-        for path, node in nodes:
-            if "s" in node:
-                key, _ = _storage_of(manifest, node["s"])
-                if key is not None:
-                    out.setdefault(key, []).append(path)
-        return out
-    except (_manifest.Invalid, KeyError, IndexError, TypeError, ValueError):
-        return {}
 
 
 # --------------------------------------------------------------------------- reports
