@@ -444,6 +444,7 @@ class OrbaxCheckpointHandler:
         metadata_only: bool = False,
         verify: bool | None = None,
         fallback: bool = True,
+        partial: bool = False,
     ) -> Any:
         """Restores a checkpoint, after this handler's pending saves to ``directory``.
 
@@ -458,8 +459,9 @@ class OrbaxCheckpointHandler:
             target: None returns the saved tree with its original types. A
                 :class:`~datarax_ckpt.Checkpointable` gets ``set_state`` and is
                 returned; a Flax NNX object is updated in place and returned; any other
-                pytree is rebuilt with the target's structure, each ``jax.Array`` leaf
-                giving the dtype and sharding to restore onto.
+                pytree (an ``nnx.State`` included) is rebuilt with the target's
+                structure, each ``jax.Array`` or ``jax.ShapeDtypeStruct`` leaf giving the
+                dtype and sharding to restore onto (see the guide's "Abstract targets").
             step: None restores the latest step (or the unversioned checkpoint when
                 there are no steps); an int restores exactly ``ckpt-<step>``.
             metadata_only: Return only the metadata dict saved with the checkpoint.
@@ -468,6 +470,9 @@ class OrbaxCheckpointHandler:
                 Checkpoints written without checksums restore unchecked.
             fallback: With ``step=None``, restore the newest intact step when the
                 latest is corrupt or incomplete. False raises instead.
+            partial: Restore only the target's part of the checkpoint: its dicts (and
+                NNX States) may leave out keys, which are then not read. A target key
+                the checkpoint lacks is an error either way.
 
         Returns:
             The restored state, the updated target, or the metadata dict.
@@ -475,7 +480,9 @@ class OrbaxCheckpointHandler:
         Raises:
             FileNotFoundError: if the directory, the step or any checkpoint is missing;
                 the message lists the available steps.
-            StructureMismatchError: (a ValueError) if ``target`` does not match.
+            StructureMismatchError: (a ValueError) if ``target`` does not match (with
+                ``partial``, if it has a leaf the checkpoint lacks).
+            TypeError: if ``target`` is an int (``restore(d, 1)``: use ``step=1``).
             StructureMismatchError: in a multi-process run, if a leaf saved sharded across
                 processes has no target leaf giving the sharding to restore onto.
             CheckpointFormatError: (a ValueError) if the folder is not a datarax_ckpt
@@ -484,19 +491,21 @@ class OrbaxCheckpointHandler:
                 or incomplete (and, for ``step=None``, no older step is intact or
                 ``fallback`` is False); it names the file and the leaves.
         """
+        _validate.target(target)
         step = _validate.step(step)
         _validate.flag("metadata_only", metadata_only)
+        _validate.flag("partial", partial)
         _validate.flag("fallback", fallback)
         verify = self.options.verify_on_restore if verify is None else verify
         _validate.flag("verify", verify)
         path = _validate.directory(directory)
         handle = self._enter(path)
-        # jax.default_device is per thread: the read runs on the directory's worker.
-        device = _snapshot.default_device()
+        # jax.default_device and jax.set_mesh are per thread: the read runs on the worker.
+        context = _restoring.caller_context()
         read = functools.partial(
-            _restoring.read, handle, target, step, metadata_only, verify, fallback
+            _restoring.read, handle, target, step, metadata_only, verify, fallback, partial
         )
-        return handle.run(_restoring.on_device, device, read).result()
+        return handle.run(_restoring.in_context, context, read).result()
 
     def verify(self, directory: PathLike, step: int | None = None) -> _structure.VerifyReport:
         """Re-reads a checkpoint (after pending saves) and checks everything it holds.

@@ -36,7 +36,9 @@ MAX_DEPTH = _validate.MAX_DEPTH
 MAX_ARRAY_BYTES = 1 << 56
 
 _CONTAINERS = frozenset({"dict", "list", "tuple", "node", "obj", "nnx"})
-_LEAVES = frozenset({"array", "key", "str", "bytes", "int", "float", "bool", "complex", "none"})
+_LEAVES = frozenset(
+    {"array", "key", "str", "bytes", "int", "float", "bool", "complex", "none", "fn"}
+)
 _LIBS = frozenset({"jax", "numpy", "npscalar"})
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # stored array names: "p0", "a3"
 _CANDIDATE_DTYPES = (
@@ -234,6 +236,8 @@ def validate(
             raise Invalid(f"the int at {path} has no int value", leaf=path)
         if kind == "float" and not isinstance(node.get("v"), int | float | str):
             raise Invalid(f"the float at {path} has no value", leaf=path)
+        if kind == "fn" and not isinstance(node.get("name"), str):
+            raise Invalid(f"the function at {path} has no name", leaf=path)
         if kind == "complex":
             v = node.get("v")
             if not (isinstance(v, list) and len(v) == 2):

@@ -175,7 +175,8 @@ def read(
             )
     if not item:
         return {}
-    state = ocp.args.PyTreeRestore(item, restore_args=restore_args)
+    # Only the requested stored arrays are read: the others are skipped, not loaded.
+    state = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
     loaded = dict(read_items(**{_layout.ITEM_STATE: state})[_layout.ITEM_STATE])
     for key, value in loaded.items():  # the stored shape, not the manifest's, sized it
         if tuple(value.shape) != tuple(item[key].shape):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -9,7 +10,15 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _directory, _integrity, _layout, _manifest, _structure, serialization
+from datarax_ckpt import (
+    _directory,
+    _integrity,
+    _layout,
+    _manifest,
+    _snapshot,
+    _structure,
+    serialization,
+)
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointNotFoundError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -19,6 +28,21 @@ def on_device(device: Any, fn: Any, *args: Any) -> Any:
     """Runs ``fn(*args)`` under ``jax.default_device(device)`` (a per-thread setting)."""
     with jax.default_device(device):
         return fn(*args)
+
+
+def caller_context() -> tuple[Any, Any]:
+    """The calling thread's ``jax.default_device`` and ``jax.set_mesh`` mesh (both per thread)."""
+    return _snapshot.default_device(), jax.sharding.get_mesh()
+
+
+def in_context(context: tuple[Any, Any], fn: Any, *args: Any) -> Any:
+    """Runs ``fn(*args)`` under a :func:`caller_context`: a target from ``nnx.eval_shape``
+    is sharded over an abstract mesh, made concrete with the caller's mesh."""
+    device, mesh = context
+    with contextlib.ExitStack() as stack:
+        if not mesh.empty:
+            stack.enter_context(jax.set_mesh(mesh))
+        return on_device(device, fn, *args)
 
 
 def no_checkpoint(path: epath.Path) -> CheckpointNotFoundError:
@@ -36,7 +60,9 @@ def missing_step(path: epath.Path, step: int, steps: list[int]) -> CheckpointNot
     )
 
 
-def read(handle: _directory.Directory, target, step, metadata_only, verify, fallback) -> Any:
+def read(
+    handle: _directory.Directory, target, step, metadata_only, verify, fallback, partial=False
+) -> Any:
     """The body of ``OrbaxCheckpointHandler.restore``, run on the directory's worker."""
     path = handle.path
     if not path.is_dir():
@@ -47,14 +73,16 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
     if step is None and not steps:
         if not _layout.is_committed(unversioned):
             raise no_checkpoint(path)
-        return _read_items(handle, unversioned, None, target, metadata_only, verify)
+        return _read_items(handle, unversioned, None, target, metadata_only, verify, partial)
     if step is not None and step not in steps:
         raise missing_step(path, step, steps)
     failures: list[tuple[int, CheckpointCorruptedError]] = []
     for candidate in [step] if step is not None else steps[::-1]:
         try:
             folder = path / _layout.step_name(candidate)
-            restored = _read_items(handle, folder, candidate, target, metadata_only, verify)
+            restored = _read_items(
+                handle, folder, candidate, target, metadata_only, verify, partial
+            )
         except CheckpointCorruptedError as e:
             if step is not None or not fallback:
                 e.add_note("Restore an older step with step=N, or step=None to fall back.")
@@ -73,7 +101,7 @@ def read(handle: _directory.Directory, target, step, metadata_only, verify, fall
     ) from failures[0][1]
 
 
-def _read_items(handle, path, step, target, metadata_only, verify=False) -> Any:
+def _read_items(handle, path, step, target, metadata_only, verify=False, partial=False) -> Any:
     ours = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
     if not any((path / item).exists() for item in ours):
         # None of our items: another tool's checkpoint, not a damaged one of ours.
@@ -88,10 +116,10 @@ def _read_items(handle, path, step, target, metadata_only, verify=False) -> Any:
     if not verify:
         structure.checksums = None
     with _integrity.reading(structure):
-        return _read_checked(handle, path, step, target, metadata_only, structure)
+        return _read_checked(handle, path, step, target, metadata_only, structure, partial)
 
 
-def _read_checked(handle, path, step, target, metadata_only, structure) -> Any:
+def _read_checked(handle, path, step, target, metadata_only, structure, partial=False) -> Any:
     # The JSON items were read by the structural check (bounded, regular files only):
     # Orbax reads only the arrays.
     _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, structure.manifest)
@@ -110,7 +138,7 @@ def _read_checked(handle, path, step, target, metadata_only, structure) -> Any:
         def read(**items):
             return manager.restore(step, args=ocp.args.Composite(**items))
 
-    plan = serialization.plan_restore(structure.checked, target)
+    plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
     loaded = _integrity.load_verified(read, plan.storage, structure.checked.raw, structure)
     return plan.build(loaded)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 from typing import Any
@@ -35,6 +34,16 @@ def step(value: Any) -> int | None:
     if index < 0:
         raise ValueError(f"step must be >= 0, got {index}.")
     return index
+
+
+def target(value: Any) -> None:
+    """Refuses an integer restore target: the Orbax habit ``restore(directory, step)``."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+        raise TypeError(
+            f"restore() got target={value!r}, an int: did you mean `step={value}`? The "
+            "second argument is the tree to restore onto; pass the step by keyword, "
+            f"restore(directory, step={value}). (A saved int comes back with target=None.)"
+        )
 
 
 def keep(value: Any) -> None:
@@ -72,47 +81,56 @@ def too_deep(path: str, what: str = "The state") -> NestingTooDeepError:
     )
 
 
-def _check_json(value: Any, path: str, depth: int = 1) -> None:
+def _scalar(value: Any) -> Any:
+    """A numpy or JAX scalar as the Python number it holds (exactly), else ``value``."""
+    if isinstance(value, np.generic) or (
+        type(value).__module__.startswith("jax") and getattr(value, "shape", None) == ()
+    ):
+        kind = np.dtype(value.dtype).kind
+        if kind in "biuf" or value.dtype.name == "bfloat16":
+            return value.item()  # float32 -> float is exact; bool_ -> bool, int64 -> int
+    return value
+
+
+def _to_json(value: Any, path: str, depth: int = 1) -> Any:
     if depth > MAX_DEPTH:
         raise too_deep(f"metadata{path}", "The metadata")
-    if value is None or type(value) in (bool, int, str):
-        return
-    if type(value) is float:
-        if not math.isfinite(value):
-            raise ValueError(
-                f"metadata{path} is {value!r}; JSON has no NaN or infinity. Store it as a "
-                "string, or in the state."
-            )
-        return
+    value = _scalar(value)
+    if value is None or type(value) in (bool, int, str, float):
+        return value  # NaN and +-inf are written as JSON's NaN / Infinity tokens
     if type(value) is dict:
+        out = {}
         for key, item in value.items():
             if type(key) is not str:
                 raise TypeError(
                     f"metadata{path} has key {key!r} of type {type(key).__name__}; JSON object "
                     "keys must be str (an int key would come back as a str). Use str keys."
                 )
-            _check_json(item, f"{path}[{key!r}]", depth + 1)
-        return
+            out[key] = _to_json(item, f"{path}[{key!r}]", depth + 1)
+        return out
     if type(value) is list:
-        for i, item in enumerate(value):
-            _check_json(item, f"{path}[{i}]", depth + 1)
-        return
+        return [_to_json(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
     hint = " (a tuple would come back as a list: use a list)" if type(value) is tuple else ""
     raise TypeError(
         f"metadata{path} is a {type(value).__name__}, which is not JSON-serializable exactly"
-        f"{hint}. Metadata holds dicts with str keys, lists, str, int, float, bool and None; "
+        f"{hint}. Metadata holds dicts with str keys, lists, str, int, float (NaN and "
+        "infinities included), bool, None and numpy/JAX scalars (stored as Python numbers); "
         "put arrays and other objects in the state."
     )
 
 
 def metadata(value: Any) -> dict:
-    """Checks that metadata round-trips through JSON exactly; returns it (``{}`` for None)."""
+    """Checks that metadata round-trips through JSON; returns a private copy (``{}`` for None).
+
+    numpy and JAX scalars become the Python numbers they hold; NaN and infinities are
+    kept (JSON's ``NaN``/``Infinity`` tokens, read back as Python floats).
+    """
     if value is None:
         return {}
     if type(value) is not dict:
         raise TypeError(f"metadata must be a dict or None, got {type(value).__name__}.")
-    _check_json(value, "")
-    return json.loads(json.dumps(value))  # a private copy: later mutation cannot reach it
+    # A private copy: later mutation cannot reach it.
+    return json.loads(json.dumps(_to_json(value, "")))
 
 
 def directory(value: Any) -> epath.Path:

@@ -28,6 +28,8 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
+import logging
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarax_ckpt import _manifest, _snapshot, _validate
+from datarax_ckpt import _manifest, _nnx, _snapshot, _validate
 from datarax_ckpt._errors import (
     CheckpointCorruptedError,
     CheckpointFormatError,
@@ -44,6 +46,8 @@ from datarax_ckpt._errors import (
 )
 from datarax_ckpt._typing import Checkpointable, PyTree
 from datarax_ckpt.options import DEFAULT_PACK_THRESHOLD_BYTES
+
+logger = logging.getLogger("datarax_ckpt")
 
 __all__ = [
     "FORMAT_NAME",
@@ -73,13 +77,50 @@ def _is_graph_node(x: Any) -> bool:
     return graph.is_graph_node(x)
 
 
+def _is_function(x: Any) -> bool:
+    """A function leaf (Equinox keeps activations as leaves): stored by name only.
+
+    Only functions: any other callable object (a model class instance with ``__call__``)
+    keeps the "unsupported type" error instead of being dropped silently.
+    """
+    return inspect.isroutine(x) or isinstance(
+        x, functools.partial | np.ufunc | jax.custom_jvp | jax.custom_vjp
+    )
+
+
 def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and _is_key_dtype(x.dtype)
+
+
+def _is_key_target(x: Any) -> bool:
+    """A typed PRNG key, or an abstract one (``ShapeDtypeStruct`` of a key dtype)."""
+    return isinstance(x, jax.Array | jax.ShapeDtypeStruct) and _is_key_dtype(x.dtype)
 
 
 @functools.lru_cache(maxsize=256)
 def _is_key_dtype(dtype: Any) -> bool:
     return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+@functools.lru_cache(maxsize=64)
+def _key_impl_name(dtype: Any) -> str:
+    """The PRNG impl name of a key dtype (abstract targets have no key to ask)."""
+    names: list[str] = []
+    abstract = jax.ShapeDtypeStruct((), dtype)
+    jax.eval_shape(lambda k: names.append(str(jax.random.key_impl(k))), abstract)
+    return names[0]
+
+
+def _paths(path: str, keys: list) -> str:
+    return ", ".join(_join(path, k) for k in keys) or "none"
+
+
+def _is_scalar_array(x: Any) -> bool:
+    return (
+        isinstance(x, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic)
+        and x.shape == ()
+        and not _is_key_dtype(x.dtype)
+    )
 
 
 def _where(path: str) -> str:
@@ -154,21 +195,24 @@ class _Encoder:
         return node
 
     def _encode_object(self, x: Any, path: str) -> dict | None:
+        if _nnx.is_variable(x):  # a graph node too: checked first
+            return _nnx.encode_variable(x, path, self.encode)
+        if _nnx.is_state(x):
+            return {**self._encode_plain(_nnx.state_mapping(x), path), "nnx": _nnx.STATE_MARK}
+        if _is_graph_node(x):
+            cls = type(x)
+            return {
+                "t": "nnx",
+                "type": f"{cls.__module__}.{cls.__qualname__}",
+                "c": self.encode(_nnx.module_state(x), path),
+            }
+        # After NNX: nnx.Rngs answers any attribute, get_state and set_state included.
         if isinstance(x, Checkpointable) and not isinstance(x, type):
             cls = type(x)
             return {
                 "t": "obj",
                 "type": f"{cls.__module__}.{cls.__qualname__}",
                 "c": self.encode(x.get_state(), f"{path}.get_state()"),
-            }
-        if _is_graph_node(x):
-            from flax import nnx
-
-            cls = type(x)
-            return {
-                "t": "nnx",
-                "type": f"{cls.__module__}.{cls.__qualname__}",
-                "c": self.encode(nnx.state(x).to_pure_dict(), path),
             }
         return None
 
@@ -232,12 +276,17 @@ class _Encoder:
             }
         children, _ = _flatten_one_level(x)
         if len(children) == 1 and children[0][1] is x:  # not a registered pytree node
+            if _is_function(x):
+                # Equinox keeps activations as leaves: recorded, taken from the target.
+                name = getattr(x, "__qualname__", type(x).__qualname__)
+                return {"t": "fn", "name": f"{getattr(x, '__module__', None)}.{name}"}
             raise TypeError(
                 f"Leaf {_where(path)} has unsupported type {type(x).__module__}."
                 f"{type(x).__qualname__}. Supported leaves: jax.Array (typed PRNG keys "
                 "included), np.ndarray, numpy scalars, bool, int, float, complex, str, bytes, "
-                "None; containers: dict, list, tuple, registered pytree nodes, Flax NNX "
-                "objects and Checkpointable objects (get_state/set_state)."
+                "None, functions (not stored: restored from the target); containers: dict, "
+                "list, tuple, registered pytree nodes, Flax NNX objects and Checkpointable "
+                "objects (get_state/set_state)."
             )
         cls = type(x)
         keys = [_key_name(entry[-1]) for entry, _ in children]
@@ -357,14 +406,17 @@ def check_manifest(manifest: Any, where: str = "checkpoint") -> None:
     _manifest.check_format(manifest, where)
 
 
-def plan_restore(manifest: dict, target: PyTree = None) -> RestorePlan:
+def plan_restore(manifest: dict, target: PyTree = None, *, partial: bool = False) -> RestorePlan:
     """Matches a manifest against an optional target and plans the restore.
 
     Args:
         manifest: A manifest written by :func:`serialize`.
         target: None to restore the original types; otherwise a tree whose structure
-            must match the checkpoint, whose array leaves give the dtype and sharding to
-            restore onto, and whose NNX / Checkpointable objects are updated in place.
+            must match the checkpoint, whose array leaves (arrays or
+            ``jax.ShapeDtypeStruct``) give the dtype and sharding to restore onto, and
+            whose NNX / Checkpointable objects are updated in place.
+        partial: Allow the target's dicts (and NNX States) to leave out keys the
+            checkpoint has: only the target's leaves are planned, so only they are read.
 
     Returns:
         A :class:`RestorePlan`.
@@ -382,8 +434,16 @@ def plan_restore(manifest: dict, target: PyTree = None) -> RestorePlan:
             _manifest.validate(manifest)
         except _manifest.Invalid as e:
             raise CheckpointCorruptedError(f"The manifest cannot be restored: {e}") from None
-    planner = _Planner(manifest)
+    planner = _Planner(manifest, partial=partial)
     builder = planner.plan(manifest["tree"], target, "", use_target=target is not None)
+    if planner.functions:
+        logger.warning(
+            "The checkpoint holds %d function leaves (%s), which are not stored: they are "
+            "restored as None. Restore onto a target (e.g. a freshly built model) to get "
+            "its functions in their place.",
+            len(planner.functions),
+            ", ".join(_where(p) for p in planner.functions[:5]),
+        )
     storage, materialize = _snapshot.read_specs(manifest, planner.requests)
 
     def build(loaded: Mapping[str, Any]) -> PyTree:
@@ -410,9 +470,11 @@ _Builder = Callable[[list], Any]
 
 
 class _Planner:
-    def __init__(self, manifest: dict) -> None:
+    def __init__(self, manifest: dict, *, partial: bool = False) -> None:
         self.slots = manifest["slots"]
+        self.partial = partial
         self.requests: dict[int, _LeafRequest] = {}
+        self.functions: list[str] = []  # function leaves restored as None (no target)
 
     def _mismatch(self, path: str, expected: str, found: str) -> StructureMismatchError:
         return StructureMismatchError(
@@ -425,6 +487,24 @@ class _Planner:
         kind = node["t"]
         # As in encoding, only objects need the slow protocol and graph-node checks.
         is_object = use_target and type(target) not in _PLAIN and not isinstance(target, _ARRAYS)
+        if is_object and _nnx.is_variable(target):  # a graph node too: checked first
+            return self._plan_variable(node, target, path)
+        if is_object and _nnx.is_state(target):
+            if kind == "nnx":  # a saved module restores onto its State
+                node, kind = node["c"], node["c"]["t"]
+            if kind != "dict":
+                raise self._mismatch(path, "an nnx.State", self._describe(node))
+            inner = self._plan_dict(node, _nnx.state_mapping(target), path, True)
+            return lambda values: _nnx.new_state(target, inner(values))
+        if is_object and _is_graph_node(target):
+            # A saved module holds its State; a saved State restores onto a module too.
+            if kind != "nnx" and node.get("nnx") != _nnx.STATE_MARK:
+                raise self._mismatch(
+                    path, f"a Flax NNX {type(target).__name__}", self._describe(node)
+                )
+            state = _nnx.module_state(target)
+            inner = self.plan(node["c"] if kind == "nnx" else node, state, path, use_target=True)
+            return lambda values: _nnx.update_module(target, inner(values))
         if is_object and isinstance(target, Checkpointable) and not isinstance(target, type):
             if kind != "obj":
                 raise self._mismatch(path, f"a Checkpointable {type(target).__name__}", kind)
@@ -435,20 +515,13 @@ class _Planner:
                 return target
 
             return build_obj
-        if is_object and _is_graph_node(target):
-            from flax import nnx
-
-            if kind != "nnx":
-                raise self._mismatch(path, f"a Flax NNX {type(target).__name__}", kind)
-            state = nnx.state(target)
-            inner = self.plan(node["c"], state.to_pure_dict(), path, use_target=True)
-
-            def build_nnx(values: list) -> Any:
-                nnx.replace_by_pure_dict(state, inner(values))
-                nnx.update(target, state)
-                return target
-
-            return build_nnx
+        if "var" in node:  # a saved Variable: rebuilt, or its value onto a plain target
+            value_path = _join(path, "value", attr=True)
+            inner = self.plan(node["c"][0], target, value_path, use_target=use_target)
+            if use_target:
+                return inner
+            build_variable = _nnx.build_variable(node["var"])
+            return lambda values: build_variable(inner(values))
         if kind in ("obj", "nnx"):
             if use_target:
                 raise self._mismatch(path, type(target).__name__, f"a saved {node['type']}")
@@ -461,6 +534,25 @@ class _Planner:
             return self._plan_node(node, target, path, use_target)
         return self._plan_leaf(node, target, path, use_target)
 
+    @staticmethod
+    def _describe(node: dict) -> str:
+        if "var" in node:
+            return f"an nnx.{node['var'].get('qualname')}"
+        if node.get("nnx") == _nnx.STATE_MARK:
+            return "an nnx.State"
+        return f"a saved {node['type']}" if "type" in node else f"a {node['t']}"
+
+    def _plan_variable(self, node: dict, target: Any, path: str) -> _Builder:
+        """A Variable target: a copy of it holding the restored value (its metadata kept)."""
+        value = _nnx.target_value(target)
+        if "var" in node:
+            if not _nnx.variable_matches(node["var"], target):
+                found = self._describe(node)
+                raise self._mismatch(path, f"an nnx.{type(target).__qualname__}", found)
+            node, path = node["c"][0], _join(path, "value", attr=True)
+        inner = self.plan(node, value, path, use_target=True)
+        return lambda values: _nnx.rebuild_on(target, inner(values))
+
     def _plan_dict(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
         keys = node["k"]
         if use_target:
@@ -468,13 +560,9 @@ class _Planner:
                 raise self._mismatch(path, type(target).__name__, "a dict")
             stored = set(keys)  # a set: thousands of keys must not cost a quadratic scan
             missing = [k for k in target if k not in stored]
-            extra = [k for k in keys if k not in target]
+            extra = [] if self.partial else [k for k in keys if k not in target]
             if missing or extra:
-                raise self._mismatch(
-                    path,
-                    f"dict keys {list(target)}",
-                    f"keys {keys} (missing from checkpoint: {missing}, not in target: {extra})",
-                )
+                raise self._dict_mismatch(path, list(target), keys, missing, extra)
             order = list(target)
         else:
             order = keys
@@ -491,7 +579,26 @@ class _Planner:
             )
             for k in order
         ]
+        if not use_target and node.get("nnx") == _nnx.STATE_MARK:
+            return lambda values: _nnx.new_state(None, {k: child(values) for k, child in children})
         return lambda values: {k: child(values) for k, child in children}
+
+    def _dict_mismatch(self, path, target_keys, keys, missing, extra) -> StructureMismatchError:
+        hints = []
+        if extra:
+            hints.append("To restore only the target's part of the checkpoint, pass partial=True.")
+        if missing:
+            hints.append(
+                f"Keys {missing} are not in the checkpoint and cannot be restored, "
+                "partial or not: remove them from the target."
+            )
+        return StructureMismatchError(
+            f"Restore target does not match the checkpoint at {_where(path)}: the target has "
+            f"dict keys {target_keys}, the checkpoint has keys {keys} (missing from "
+            f"checkpoint: {_paths(path, missing)}, not in target: {_paths(path, extra)}). "
+            + " ".join(hints)
+            + " Or pass target=None to get the saved tree back."
+        )
 
     def _plan_sequence(self, node: dict, target: Any, path: str, use_target: bool) -> _Builder:
         kind, saved = node["t"], node["c"]
@@ -539,13 +646,16 @@ class _Planner:
                 raise self._mismatch(path, type(target).__name__, "None")
             return lambda values: None
         if kind in ("bool", "int", "float", "complex"):
+            value = _scalar_value(node, path)
+            if use_target and _is_scalar_array(target):
+                # A step saved as a Python int, restored onto a 0-d (abstract) array.
+                return self._scalar_onto_array(value, target, path)
             if (
                 use_target
                 and type(target)
                 is not {"bool": bool, "int": int, "float": float, "complex": complex}[kind]
             ):
                 raise self._mismatch(path, type(target).__name__, f"a Python {kind}")
-            value = _scalar_value(node, path)
             return lambda values: value
         if kind in ("str", "bytes"):
             if use_target and type(target).__name__ != kind:
@@ -555,11 +665,27 @@ class _Planner:
             if kind == "str":
                 return lambda values: values[slot].tobytes().decode("utf-8", "surrogatepass")
             return lambda values: values[slot].tobytes()
+        if kind == "fn":
+            if use_target and not callable(target):
+                raise self._mismatch(path, type(target).__name__, f"a function {node['name']}")
+            # Functions are not stored: the target's, or None without a target.
+            if not use_target:
+                self.functions.append(path)
+            return lambda values: target if use_target else None
         if kind == "key":
             return self._plan_key(node, target, path, use_target)
         if kind == "array":
             return self._plan_array(node, target, path, use_target)
         raise CheckpointFormatError(f"Unknown leaf kind {kind!r} at {_where(path)} in manifest.")
+
+    def _scalar_onto_array(self, value: Any, target: Any, path: str) -> _Builder:
+        array = np.asarray(value, dtype=target.dtype)
+        if isinstance(target, np.ndarray | np.generic):
+            return lambda values: array if isinstance(target, np.ndarray) else array[()]
+        sharding = _nnx.concrete_sharding(getattr(target, "sharding", None), path)
+        return lambda values: jax.device_put(
+            array, sharding or jax.sharding.SingleDeviceSharding(_snapshot.default_device())
+        )
 
     def _shape(self, slot: int) -> tuple[int, ...]:
         return tuple(self.slots[slot]["shape"])
@@ -568,17 +694,28 @@ class _Planner:
         slot, impl = node["s"], node["impl"]
         data_shape = self._shape(slot)
         sharding = None
+        # ocp.utils.to_shape_dtype_struct turns a key into its key data's shape and
+        # dtype: as Orbax does, such a target restores the typed key.
+        as_data = (
+            use_target
+            and isinstance(target, jax.ShapeDtypeStruct)
+            and target.dtype == np.uint32
+            and tuple(target.shape) == data_shape
+        )
         if use_target:
-            if not _is_key(target):
+            if not (as_data or _is_key_target(target)):
                 raise self._mismatch(path, type(target).__name__, f"a PRNG key ({impl})")
-            target_impl = str(jax.random.key_impl(target))
-            if target_impl != impl or target.shape != data_shape[:-1]:
+            target_impl = impl if as_data else _key_impl_name(target.dtype)
+            if not as_data and (target_impl != impl or target.shape != data_shape[:-1]):
                 raise self._mismatch(
                     path,
                     f"a {target_impl} key of shape {target.shape}",
                     f"a {impl} key of shape {data_shape[:-1]}",
                 )
-            sharding = jax.random.key_data(target).sharding
+            sharding = getattr(target, "sharding", None)
+            if isinstance(target, jax.Array):
+                sharding = jax.random.key_data(target).sharding
+            sharding = _nnx.concrete_sharding(sharding, path)
         self.requests[slot] = _LeafRequest("jax", np.dtype(np.uint32), data_shape, sharding)
         return lambda values: jax.random.wrap_key_data(values[slot], impl=impl)
 
@@ -587,8 +724,10 @@ class _Planner:
         saved_dtype = jnp.dtype(self.slots[slot]["dtype"])
         shape = self._shape(slot)
         lib, dtype, sharding = node["lib"], saved_dtype, None
+        if use_target and type(target) in (bool, int, float) and shape == ():
+            use_target = False  # a fresh TrainState's step=0 onto a trained state's array
         if use_target:
-            if _is_key(target) or not isinstance(
+            if _is_key_target(target) or not isinstance(
                 target, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic
             ):
                 raise self._mismatch(
@@ -604,6 +743,9 @@ class _Planner:
             elif isinstance(target, np.ndarray):
                 lib = "numpy"
             else:
-                lib, sharding = "jax", getattr(target, "sharding", None)
+                lib, sharding = (
+                    "jax",
+                    _nnx.concrete_sharding(getattr(target, "sharding", None), path),
+                )
         self.requests[slot] = _LeafRequest(lib, dtype, shape, sharding)
         return lambda values: values[slot]

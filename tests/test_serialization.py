@@ -152,7 +152,7 @@ def test_mismatched_target_names_path_expected_and_found(target, match):
 
 @pytest.mark.parametrize(
     "leaf, kind",
-    [(object(), "builtins.object"), (lambda: 0, "function"), ({1, 2}, "builtins.set")],
+    [(object(), "builtins.object"), (frozenset(), "builtins.frozenset"), ({1, 2}, "builtins.set")],
 )
 def test_unsupported_leaf_names_path_and_type(leaf, kind):
     with pytest.raises(TypeError, match=rf"Leaf \['a'\]\[0\] has unsupported type .*{kind}"):
@@ -248,3 +248,21 @@ def test_packed_leaves_are_split_into_bins(monkeypatch):
     arrays, manifest = serialization.serialize(tree)
     assert [p["size"] for p in manifest["packs"]] == [200] * 6  # two leaves per 1 KiB bin
     assert_identical(serialization.deserialize(arrays, manifest), tree)
+
+
+def test_function_leaves_need_a_target_and_other_callables_are_refused(caplog):
+    # Equinox keeps activations as leaves: functions are recorded by name, not stored.
+    arrays, manifest = serialization.serialize({"act": jax.nn.relu, "w": jnp.ones(2)})
+    with caplog.at_level("WARNING", logger="datarax_ckpt"):
+        restored = serialization.deserialize(arrays, manifest)
+    assert restored["act"] is None
+    assert "function leaves (['act'])" in caplog.text
+    onto = serialization.deserialize(arrays, manifest, {"act": jnp.tanh, "w": jnp.zeros(2)})
+    assert onto["act"] is jnp.tanh
+
+    class Model:  # a callable object is not a function: it would be lost, so refuse it
+        def __call__(self, x):
+            return x
+
+    with pytest.raises(TypeError, match=r"Leaf \['m'\] has unsupported type .*Model"):
+        serialization.serialize({"m": Model()})
