@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from _untrusted_child import make
 
 CHILD = pathlib.Path(__file__).with_name("_untrusted_child.py")
@@ -23,6 +24,7 @@ CHILD = pathlib.Path(__file__).with_name("_untrusted_child.py")
 EXAMPLES = int(os.environ.get("DATARAX_FUZZ_EXAMPLES", "30"))
 
 
+@pytest.mark.timeout(960)  # the child's own timeout (900 s) ends a hang first
 def test_every_reader_survives_one_mutation_of_a_real_checkpoint(tmp_path):
     pristine = tmp_path / "run"
     make(str(pristine))
