@@ -262,10 +262,11 @@ def _check_slot(node: dict, entry: Any, packs: list, stored: dict, path: str) ->
     dtype = _dtype(entry.get("dtype"), f"the leaf at {path}", path)
     shape = _shape(entry.get("shape"), dtype, f"the leaf at {path}", path)
     size = math.prod(shape)
-    if kind in ("str", "bytes") and (dtype.name != "uint8" or len(shape) != 1):
+    name = entry["dtype"]  # an allowed dtype's name (numpy computes dtype.name anew)
+    if kind in ("str", "bytes") and (name != "uint8" or len(shape) != 1):
         raise Invalid(f"the {kind} at {path} is not stored as a 1-D uint8 array", leaf=path)
     impl = node.get("impl")
-    if kind == "key" and (dtype.name != "uint32" or not shape or not isinstance(impl, str)):
+    if kind == "key" and (name != "uint32" or not shape or not isinstance(impl, str)):
         raise Invalid(f"the PRNG key at {path} has no uint32 key data or impl", leaf=path)
     if kind == "array" and node.get("lib") not in _LIBS:
         raise Invalid(f"the array at {path} has an unknown library", leaf=path)
@@ -281,9 +282,9 @@ def _check_slot(node: dict, entry: Any, packs: list, stored: dict, path: str) ->
         if not _is_int(index) or not 0 <= index < len(packs):
             raise Invalid(f"the leaf at {path} names a pack {index!r} not stored", leaf=path)
         pack = packs[index]
-        if pack["dtype"] != dtype.name:
+        if pack["dtype"] != name:
             raise Invalid(
-                f"the leaf at {path} ({dtype.name}) is in pack {pack['key']} of {pack['dtype']}",
+                f"the leaf at {path} ({name}) is in pack {pack['key']} of {pack['dtype']}",
                 leaf=path,
                 key=pack["key"],
             )
@@ -432,12 +433,13 @@ def slot_paths(manifest: dict) -> dict[int, str]:
     return {node["s"]: path for path, node in walk(manifest["tree"]) if "s" in node}
 
 
-def leaves_by_key(manifest: dict | None) -> dict[str, list[str]]:
+def leaves_by_key(manifest: dict | Manifest | None) -> dict[str, list[str]]:
     """``{storage key: [tree paths of the leaves stored in it]}`` (empty if unreadable)."""
     if manifest is None:
         return {}
     try:
-        nodes = walk(manifest["tree"])
+        nodes = manifest.leaves if isinstance(manifest, Manifest) else walk(manifest["tree"])
+        manifest = manifest.raw if isinstance(manifest, Manifest) else manifest
         out: dict[str, list[str]] = {}
         for path, node in nodes:
             if "s" in node:

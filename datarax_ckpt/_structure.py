@@ -206,7 +206,7 @@ class Structure:
 
     def leaves(self, key: str) -> tuple[str, ...]:
         if self._leaves is None:
-            self._leaves = leaves_by_key(self.manifest)
+            self._leaves = leaves_by_key(self.checked or self.manifest)  # one walk
         return tuple(self._leaves.get(key, ()))
 
     def file_of(self, key: str) -> str | None:
