@@ -325,7 +325,9 @@ class SystemRun:
     def _over_baseline_mb(self, before: int, peak: int, end: int) -> float:
         """Peak over the RSS before the sample, plus what this system kept earlier."""
         over = (peak - before + self._kept) / 2**20
-        self._kept += end - before
+        # Memory given back below the starting level (a collected earlier state) is not
+        # memory kept: the sum stays >= 0, so no figure comes out negative (once -206 MiB).
+        self._kept = max(0, self._kept + end - before)
         return over
 
     def warmup(self, round_index: int) -> None:

@@ -81,7 +81,12 @@ def _env_lines(results: dict[str, Any]) -> list[str]:
         f"checkpoints on {fs['fstype']} ({fs['mount_point']})",
         f"- Software: {sw}; repository at git {env.get('git_commit') or 'unknown'} "
         f"(library digest {env.get('library_digest') or 'unknown'})",
-        f"- Command: `{results['command']}` ({results['elapsed_s']:.0f} s in all)",
+        f"- Command: `{results['command']}` ({results['elapsed_s']:.0f} s in all"
+        + (
+            f", peak process RSS {env['peak_process_rss_bytes'] / 2**30:.1f} GiB)"
+            if env.get("peak_process_rss_bytes")
+            else ")"
+        ),
         "- Load average (1/5/15 min) at start: "
         + "/".join(f"{x:.2f}" for x in env["load_average_at_start"])
         + ", at end: "

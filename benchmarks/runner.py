@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -108,7 +109,11 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
+        # In the checkout that holds this package, whatever the working directory.
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -379,6 +384,9 @@ def run(
         shutil.rmtree(work, ignore_errors=True)
     results["elapsed_s"] = time.perf_counter() - t_start
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
+    # The whole run's high-water mark (Linux reports KiB): what a machine needs to run it.
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results["environment"]["peak_process_rss_bytes"] = peak_kib * 1024
     log.prefix = ""
     results["complete"] = True
     _write_json(out / "results.json", results)

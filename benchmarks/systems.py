@@ -164,7 +164,7 @@ class TorchDCPAdapter(Adapter):
 
     def __init__(self, state: BenchState, directory: Path) -> None:
         if importlib.util.find_spec("torch") is None:
-            raise Unavailable("torch is not installed (not installed on purpose for this suite)")
+            raise Unavailable("torch is not installed (pip install torch to compare with DCP)")
         import torch
         import torch.distributed.checkpoint as dcp
 

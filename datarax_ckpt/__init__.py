@@ -15,6 +15,8 @@ from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StepOrderError as StepOrderError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
+from datarax_ckpt._interop import export_orbax as export_orbax
+from datarax_ckpt._interop import import_orbax as import_orbax
 from datarax_ckpt._structure import Problem as Problem
 from datarax_ckpt._structure import VerifyReport as VerifyReport
 from datarax_ckpt._typing import Checkpointable as Checkpointable
@@ -47,5 +49,7 @@ __all__ = [
     "StepOrderError",
     "StructureMismatchError",
     "VerifyReport",
+    "export_orbax",
+    "import_orbax",
     "serialization",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -20,6 +22,8 @@ from datarax_ckpt._errors import CheckpointError, CheckpointPathError
 
 EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
 EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
+EXIT_CANCELLED = 3  # the user answered no (or nothing) to a question
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 app = typer.Typer(
     name="datarax-ckpt",
@@ -29,8 +33,10 @@ app = typer.Typer(
         "folder per step and possibly an unversioned checkpoint/ folder.\n\n"
         "Start with `datarax-ckpt ls DIR`, then `datarax-ckpt show DIR` to see what a step "
         "holds and `datarax-ckpt verify DIR --all` to check every file against the "
-        "checksums recorded at save time. Exit status: 0 success, 1 damage found, "
-        "2 bad arguments or not a checkpoint directory."
+        "checksums recorded at save time. `export` and `import` move checkpoints to and "
+        "from plain Orbax.\n\n"
+        "Exit status: 0 success, 1 damage found, 2 bad arguments or not a checkpoint "
+        "directory, 3 cancelled at a prompt, 130 interrupted (Ctrl-C)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -48,9 +54,41 @@ DirArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead.")]
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C, raised past click, which would report KeyboardInterrupt as status 1."""
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    raise _Interrupted
+
+
 def main() -> None:
     """Entry point of the ``datarax-ckpt`` console script."""
-    app()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        app()
+    except _Interrupted:
+        err.print("Interrupted.")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from datarax_ckpt import __version__
+
+        out.print(f"datarax-ckpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    pass
 
 
 # --------------------------------------------------------------------------- helpers
@@ -86,6 +124,17 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
         ):
             others.append((name, None, child))
     if not steps and not others:
+        from datarax_ckpt import _interop
+
+        raw = _interop.orbax_checkpoints(directory)
+        if raw:
+            what = "checkpoint folder" if raw[0][0] is None else "checkpoint directory"
+            steps = ", ".join(str(s) for s, _ in raw[:8] if s is not None)
+            raise _fail(
+                f"{directory} is a raw Orbax {what}{f' (steps {steps})' if steps else ''}, "
+                f"not a datarax_ckpt one. Bring it in with "
+                f"`datarax-ckpt import {directory} NEW_DIR`."
+            )
         hint = ""
         inner = [
             child
@@ -274,23 +323,53 @@ def show(
     out.print(f"[bold]{escape(str(folder))}[/]")
     out.print(
         f"written {_written(folder, structure)}, {_human(_size(folder))} on disk, "
-        f"{len(leaves)} leaves ({_human(total)} of data), quick check: {rich}"
+        f"quick check: {rich}",
+        soft_wrap=True,
     )
-    table = Table(show_edge=False)
-    for name in ("path", "kind", "dtype", "shape", "bytes", "stored"):
-        wrap = name == "path"  # long tree paths fold; the other columns keep their width
-        table.add_column(
-            name, justify="right" if name == "bytes" else "left", overflow="fold", no_wrap=not wrap
-        )
+    out.print(f"{len(leaves)} leaves, {_human(total)} of data:")
+    for line in _leaf_lines(leaves, out.width):
+        out.print(escape(line), soft_wrap=True)
+    text = json.dumps(structure.metadata)
+    if len(text) + 10 > out.width:
+        text = json.dumps(structure.metadata, indent=2)
+    out.print("metadata:", escape(text), soft_wrap=True)
+
+
+def _leaf_lines(leaves: list[_structure.LeafInfo], width: int) -> list[str]:
+    """One line per leaf, path first; a path too long for ``width`` gets its own line.
+
+    The details (type, size, where the bytes are stored) stay in one column, so the
+    output reads the same at 80 columns, wider, and piped into another program.
+    """
+    rows = []
     for leaf in leaves:
-        kind = f"{leaf.kind} ({leaf.lib})" if leaf.lib else leaf.kind
-        shape = "-" if leaf.shape is None else str(tuple(leaf.shape))
-        stored = leaf.stored if leaf.value is None else f"manifest: {leaf.value!r}"
-        table.add_row(
-            escape(leaf.path), kind, escape(leaf.dtype), shape, str(leaf.nbytes), escape(stored)
-        )
-    out.print(table)
-    out.print("metadata:", escape(json.dumps(structure.metadata, indent=2)))
+        if leaf.value is not None or leaf.stored == "manifest":
+            kind, stored = f"{leaf.kind} = {leaf.value!r}", "manifest"
+        elif leaf.kind in ("str", "bytes"):
+            kind, stored = leaf.kind, leaf.stored
+        else:
+            shape = ",".join(map(str, leaf.shape or ()))
+            lib = f" ({leaf.lib})" if leaf.lib not in (None, "jax") else ""
+            kind, stored = f"{leaf.dtype}[{shape}]{lib}", leaf.stored
+        size = "-" if stored == "manifest" else _human(leaf.nbytes)
+        rows.append((leaf.path, kind, size, stored))
+    kind_w = max([len(r[1]) for r in rows] + [4])
+    size_w = max([len(r[2]) for r in rows] + [4])
+    # Two spaces of indent, then path, type, size and stored, two spaces apart.
+    details_w = 6 + kind_w + size_w + max([len(r[3]) for r in rows] + [6])
+    path_w = max([len(r[0]) for r in rows] + [4])
+    path_w = min(path_w, max(width - details_w - 2, 20))
+
+    def line(path: str, kind: str, size: str, stored: str) -> str:
+        return f"  {path:<{path_w}}  {kind:<{kind_w}}  {size:>{size_w}}  {stored}".rstrip()
+
+    lines = [line("path", "type", "size", "stored")]
+    for path, kind, size, stored in rows:
+        if len(path) <= path_w:
+            lines.append(line(path, kind, size, stored))
+        else:
+            lines += [f"  {path}", line("", kind, size, stored)]
+    return lines
 
 
 @app.command("verify")
@@ -350,23 +429,44 @@ def _print_report(label: str, report: _structure.VerifyReport) -> None:
 @app.command("rm")
 def rm(
     directory: DirArg,
-    step: Annotated[int, typer.Option("--step", "-s", help="The step to delete.")],
+    step: Annotated[int | None, typer.Option("--step", "-s", help="The step to delete.")] = None,
+    unversioned: Annotated[
+        bool, typer.Option("--unversioned", help="Delete the unversioned checkpoint/ folder.")
+    ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete one step (asks first unless --yes).
+    """Delete one step, or checkpoint/ (asks first unless --yes).
 
     The folder is first moved out of the directory in one rename, so a crash never
-    leaves a half-deleted step that would look like a corrupt checkpoint.
+    leaves a half-deleted step that would look like a corrupt checkpoint. Answering
+    no exits with status 3 and deletes nothing.
     """
-    label, _, folder = _pick(directory, step)
-    if not yes:
-        typer.confirm(f"Delete {folder} ({_human(_size(folder))})?", abort=True, err=True)
+    if (step is None) == (not unversioned):
+        raise _fail("Pass either --step N or --unversioned (for checkpoint/).")
+    if unversioned:
+        label, folder = _layout.UNVERSIONED, directory / _layout.UNVERSIONED
+        if not folder.is_dir():
+            _folders(directory)  # explains a directory that is not a checkpoint directory
+            raise _fail(f"{directory} has no {_layout.UNVERSIONED}/ folder.")
+    else:
+        label, _, folder = _pick(directory, step)
+    if not yes and not _confirm(f"Delete {folder} ({_human(_size(folder))})?"):
+        err.print("Cancelled; nothing deleted.")
+        raise typer.Exit(EXIT_CANCELLED)
     trash = directory / _layout.TRASH
     trash.mkdir(exist_ok=True)
     moved = trash / f"{label}.{uuid.uuid4().hex[:8]}"
     folder.rename(moved)
     _layout.empty_trash(epath.Path(directory))
     out.print(f"Deleted {escape(str(folder))}.")
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return typer.confirm(question, err=True)
+    except typer.Abort:  # end of input: no answer is no
+        err.print()
+        return False
 
 
 @app.command(
@@ -394,8 +494,8 @@ def demo(ctx: typer.Context) -> None:
 def bench(
     config: Annotated[
         Path,
-        typer.Argument(metavar="CONFIG", help="A config, e.g. configs/bench/cpu-smoke.toml."),
-    ],
+        typer.Argument(metavar="CONFIG", help="A config (default: the seconds-long smoke test)."),
+    ] = Path("configs/bench/cpu-smoke.toml"),
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Where results.json/.md and plot.png go.")
     ] = Path("bench-results"),
@@ -403,12 +503,10 @@ def bench(
     """Run the benchmarks of a config file.
 
     Needs the source checkout's benchmarks/ package (run it from the repository root).
+    Without CONFIG it runs configs/bench/cpu-smoke.toml (a few seconds, ~0.3 GiB of
+    memory), which proves the pipeline and measures nothing; configs/bench/cpu.toml
+    measures (about 5 minutes, a peak of ~12 GB of RAM; see docs/benchmarks.md).
     """
-    if not config.is_file():
-        raise _fail(
-            f"Benchmark config {config} does not exist. The configs live in configs/bench/ of "
-            "the source checkout, e.g. `datarax-ckpt bench configs/bench/cpu-smoke.toml`."
-        )
     try:
         import benchmarks
     except ModuleNotFoundError as e:
@@ -425,6 +523,17 @@ def bench(
             ) from e
     if not hasattr(benchmarks, "run"):
         raise _fail("benchmarks.run is missing: this checkout's benchmarks/ is incomplete.")
+    checkout = Path(benchmarks.__file__).resolve().parent.parent
+    if not config.is_file() and not config.is_absolute() and (checkout / config).is_file():
+        config = checkout / config  # a relative config of the checkout, run from elsewhere
+    if not config.is_file():
+        raise _fail(
+            f"Benchmark config {config} does not exist. The configs live in configs/bench/ of "
+            "the source checkout, e.g. `datarax-ckpt bench configs/bench/cpu-smoke.toml`."
+        )
+    # Orbax logs "Waiting for previous save to complete took N seconds" through absl on
+    # every back-to-back save of the raw-Orbax comparison; the results hold those times.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         benchmarks.run(config, out_dir)
     except FileNotFoundError as e:
@@ -436,5 +545,11 @@ def bench(
     out.print(f"Results in {escape(str(out_dir))}/results.md")
 
 
+# export and import live in their own module; importing it registers them on ``app``.
+from datarax_ckpt import _cli_interop as _cli_interop  # noqa: E402
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # Run the imported module's app: the one _cli_interop registered its commands on.
+    from datarax_ckpt.cli import main as _main
+
+    _main()

@@ -11,6 +11,8 @@ losses as the uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import tempfile
 import time
 
@@ -103,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1024, help="hidden width (state size)")
     parser.add_argument("--dir", default=None, help="checkpoint directory (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.dir and any(pathlib.Path(args.dir).glob("ckpt-*")):
+        print(
+            f"error: --dir {args.dir} already holds checkpoints (from an earlier demo run?); "
+            f"pass a new folder, or delete this one first (rm -r {args.dir}).",
+            file=sys.stderr,
+        )
+        return 2
     directory = args.dir or tempfile.mkdtemp(prefix="datarax-ckpt-demo-")
     log = print
 
@@ -139,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
     same = all(resumed[s] == reference[s] for s in resumed)
     log(f"\nresumed losses identical to the uninterrupted run: {same}")
+    size = sum(f.stat().st_size for f in pathlib.Path(directory).rglob("*") if f.is_file())
+    log(f"\nThe checkpoints ({size / 2**20:.1f} MiB) stay in {directory}")
+    log(f"Look at them: datarax-ckpt ls {directory}; datarax-ckpt show {directory}")
+    log(f"Remove them:  rm -r {directory}")
     return 0 if same else 1
 
 

@@ -16,6 +16,7 @@ MODULES = [
     "datarax_ckpt.options",
     "datarax_ckpt.serialization",
     "datarax_ckpt._handler",
+    "datarax_ckpt._interop",
 ]
 
 
