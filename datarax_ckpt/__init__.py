@@ -14,6 +14,7 @@ from datarax_ckpt._errors import NestingTooDeepError as NestingTooDeepError
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StepOrderError as StepOrderError
 from datarax_ckpt._errors import StructureMismatchError as StructureMismatchError
+from datarax_ckpt._errors import WriterConflictError as WriterConflictError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
 from datarax_ckpt._interop import export_orbax as export_orbax
 from datarax_ckpt._interop import import_orbax as import_orbax
@@ -49,6 +50,7 @@ __all__ = [
     "StepOrderError",
     "StructureMismatchError",
     "VerifyReport",
+    "WriterConflictError",
     "export_orbax",
     "import_orbax",
     "serialization",

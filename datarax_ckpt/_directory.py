@@ -13,7 +13,15 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _integrity, _layout, _multihost, _reading, _retention, _snapshot
+from datarax_ckpt import (
+    _integrity,
+    _layout,
+    _multihost,
+    _reading,
+    _retention,
+    _snapshot,
+    _writer_lock,
+)
 from datarax_ckpt.options import CheckpointOptions
 
 
@@ -85,6 +93,19 @@ class Directory:
         self.pool = _snapshot.ArenaPool(max_free=options.max_pending_saves)
         self._manager: ocp.CheckpointManager | None = None
         self.coordinator = _multihost.Coordinator(str(path))
+        self.writer: _writer_lock.WriterLock | None = None
+
+    def claim(self) -> None:
+        """Makes this handler the directory's writer (see ``_writer_lock``); idempotent.
+
+        Called by ``save()`` before anything is written. In a multi-process run only
+        process 0 takes the lock: the processes of one job are one writer.
+
+        Raises:
+            WriterConflictError: if another live handler writes the directory.
+        """
+        if self.writer is None and _multihost.is_primary():
+            self.writer = _writer_lock.acquire(self.path)
 
     def item_handlers(self) -> dict[str, Any]:
         return {
@@ -97,7 +118,11 @@ class Directory:
         }
 
     def manager(self, keep: int | None | EllipsisType = ...) -> ocp.CheckpointManager:
-        """The directory's CheckpointManager (worker thread only); created on first use.
+        """The directory's CheckpointManager (worker thread, writes only); created on first use.
+
+        Only a writer creates it, after :meth:`claim`: creating it removes every temporary
+        folder and finishes interrupted overwrites and deletions, which is safe only when
+        no other live process writes the directory. Reads go through Orbax without it.
 
         ``keep``: the retention of the save about to run. Orbax takes retention policies
         only when a manager is created, so a ``keep`` that differs from the last save's
@@ -147,3 +172,5 @@ class Directory:
         finally:
             self.worker.shutdown(wait=True)
             self.pool.clear()
+            if self.writer is not None:
+                self.writer.release()

@@ -30,6 +30,14 @@ class ProcessMismatchError(CheckpointError, ValueError):
     """In a multi-process save, the processes passed different non-array data."""
 
 
+class WriterConflictError(CheckpointError, RuntimeError):
+    """A save to a directory that another live handler or process is writing.
+
+    A checkpoint directory has one writer at a time (see ``docs/reliability.md``); the
+    message names the other writer's host and pid.
+    """
+
+
 class StepOrderError(CheckpointError, ValueError):
     """A save's step is below a newer step that is committed or still being written.
 

@@ -18,6 +18,7 @@ from etils import epath
 
 from datarax_ckpt import (
     _directory,
+    _follow,
     _hostcopy,
     _integrity,
     _layout,
@@ -73,8 +74,11 @@ class OrbaxCheckpointHandler:
     (and of different handlers) run one at a time, because Orbax's asynchronous save
     machinery is not safe to run twice at once in one process. Multi-process-safe
     when every process makes the same calls (Orbax coordinates through
-    ``jax.distributed``). NOT safe for two handlers
-    (or two jobs) writing to the same directory at once.
+    ``jax.distributed``). One writer per directory, enforced: the first ``save()`` to a
+    directory locks it until :meth:`close`, and a save by another handler or process
+    raises :class:`~datarax_ckpt.WriterConflictError`. Any number of readers (restore,
+    verify, listing, :meth:`follow`, even in other processes) may run beside the writer;
+    they create, move and delete nothing (``docs/reliability.md``).
 
     Multi-process runs (after ``jax.distributed.initialize``): every process calls
     ``save``, ``restore`` and ``verify`` with the same directory and arguments, each
@@ -214,6 +218,8 @@ class OrbaxCheckpointHandler:
             StepOrderError: (a ValueError) if a newer step is committed or pending; it
                 names them. Nothing is written.
             FileExistsError: if the checkpoint exists and ``overwrite`` is False.
+            WriterConflictError: if another live handler (in this process or another)
+                is writing ``directory``; it names that writer's host and pid.
             CheckpointPathError: (a ValueError) if ``directory`` is empty, holds a NUL
                 byte or a name too long, or is not valid UTF-8.
             CheckpointNotADirectoryError: (a NotADirectoryError) if ``directory`` or a
@@ -265,6 +271,7 @@ class OrbaxCheckpointHandler:
                     pool=handle.pool,
                 )
                 capture.end()
+                handle.claim()  # one writer per directory; after the checks, before writing
                 nbytes = _snapshot.nbytes(arrays)
                 room = self._make_room(handle, nbytes)
             except Exception as e:
@@ -422,7 +429,7 @@ class OrbaxCheckpointHandler:
                 manager.reload()
             raise
         if backup is not None and primary:
-            backup.rmtree()
+            _layout.discard(backup)  # renamed away first: a reader may be reading it
         if primary:
             _layout.empty_trash(handle.path)
         handle.coordinator.barrier("committed")  # listing on any process now sees it
@@ -454,6 +461,10 @@ class OrbaxCheckpointHandler:
         corrupt latest step is skipped with a logged warning and the newest intact step
         is restored instead; with an explicit ``step`` it raises.
 
+        Safe beside a writer in another process: it changes nothing on disk, and a step
+        that the writer's retention deletes while it is read is not mistaken for a
+        corrupt one (``step=None`` then reads the new latest step).
+
         Args:
             directory: The checkpoint directory.
             target: None returns the saved tree with its original types. A
@@ -478,7 +489,8 @@ class OrbaxCheckpointHandler:
             The restored state, the updated target, or the metadata dict.
 
         Raises:
-            FileNotFoundError: if the directory, the step or any checkpoint is missing;
+            FileNotFoundError: if the directory, the step or any checkpoint is missing,
+                or the step was deleted (by the writer's retention) while it was read;
                 the message lists the available steps.
             StructureMismatchError: (a ValueError) if ``target`` does not match (with
                 ``partial``, if it has a leaf the checkpoint lacks).
@@ -632,6 +644,7 @@ class OrbaxCheckpointHandler:
             The deleted steps, sorted.
 
         Raises:
+            WriterConflictError: if another live handler is writing ``directory``.
             Exception: an error of an earlier background write (nothing is deleted).
 
         Example:
@@ -654,7 +667,53 @@ class OrbaxCheckpointHandler:
             handle = self._enter(path)
             handle.drain()
             self._raise_errors()
+            handle.claim()  # deleting steps is writing: one writer per directory
             return handle.run(_steps.rollback, handle, step).result()
+
+    def follow(
+        self,
+        directory: PathLike,
+        *,
+        after: int | None = None,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+    ) -> Iterator[int]:
+        """Yields each committed step of ``directory`` as it appears, in increasing order.
+
+        For an evaluation job beside a training job (another process) writing the
+        directory. Only reads: it never waits for this handler's own saves and never
+        blocks the writer. A step that retention deleted before ``follow`` looked is
+        not yielded; one deleted after it was yielded raises
+        :class:`~datarax_ckpt.CheckpointNotFoundError` on ``restore(step=...)``.
+
+        Args:
+            directory: The checkpoint directory; it need not exist yet.
+            after: Yield only steps above it; None yields every step on disk first.
+            timeout: End after this many seconds without a new step; None never ends.
+            poll_interval: Seconds between looks after a new step; while none comes the
+                wait doubles, up to 16 times this. Each look is one directory listing.
+
+        Returns:
+            An iterator of step numbers.
+
+        Raises:
+            TypeError, ValueError: for a bad argument (checked at the call).
+            RuntimeError: if the handler is closed while following.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp
+            >>> from datarax_ckpt import OrbaxCheckpointHandler
+            >>> directory = tempfile.mkdtemp()
+            >>> with OrbaxCheckpointHandler() as handler:
+            ...     _ = handler.save(directory, {"w": jnp.ones(3)}, step=1)
+            ...     handler.wait_until_finished()
+            ...     list(handler.follow(directory, timeout=0))
+            [1]
+        """
+        path = _validate.directory(directory)
+        _follow.check_args(after, timeout, poll_interval)
+        self._check_open()
+        return _follow.follow(path, after, timeout, poll_interval, self._check_open)
 
     # ------------------------------------------------------------------ helpers
 

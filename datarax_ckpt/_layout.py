@@ -103,12 +103,47 @@ def step_metadata_error(step: epath.Path) -> str | None:
     return None
 
 
+def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
+    """``{step: folder}`` of the committed steps, ascending; reads only (for readers).
+
+    A step whose overwrite is in progress, or was interrupted by a crash, is read from
+    its committed backup: that is what :func:`recover` puts back, and readers never
+    recover (only the directory's writer changes it, see ``_writer_lock``).
+
+    The directory is listed again when a step listed in it is gone by the time it is
+    checked (the writer's retention moved it): otherwise, with ``keep=1``, a listing
+    racing a commit could see the old step listed then gone and the new one not yet
+    there, and report no step at all.
+    """
+    directory = epath.Path(directory)
+    for _ in range(8):
+        if not directory.is_dir():
+            return {}
+        steps: dict[int, epath.Path] = {}
+        backups: dict[int, epath.Path] = {}
+        moved = False
+        for child in directory.iterdir():
+            if match := _STEP_RE.match(child.name):
+                found, step = steps, int(match.group(1))
+            elif (match := _BACKUP_RE.match(child.name)) and match.group(1) != UNVERSIONED:
+                # A link named like a backup is not ours (clear_impostor): never read it.
+                if os.path.islink(child):
+                    continue
+                found, step = backups, int(match.group(1)[len(STEP_PREFIX) :])
+            else:
+                continue
+            if is_committed(child):
+                found[step] = child
+            elif not child.exists():
+                moved = True
+        if not moved:
+            break
+    return dict(sorted({**backups, **steps}.items()))
+
+
 def committed_steps(directory: epath.Path) -> list[int]:
-    """Sorted steps whose ``ckpt-<step>`` folder is committed (Orbax may see fewer)."""
-    if not directory.is_dir():
-        return []
-    found = (NAME_FORMAT._metadata(p) for p in directory.iterdir() if _STEP_RE.match(p.name))
-    return sorted(m.step for m in found if m is not None)
+    """Sorted committed steps (see :func:`step_folders`)."""
+    return list(step_folders(directory))
 
 
 def clear_impostor(path: epath.Path) -> bool:
@@ -237,7 +272,7 @@ def recover(directory: epath.Path) -> None:
         original = directory / match.group(1)
         remove_partial(directory, original.name)
         if is_committed(original):
-            child.rmtree()
+            discard(child)  # renamed away first: a reader may be reading it
         else:
             logger.warning("Restoring %s from its backup after an interrupted overwrite.", original)
             put_back(original, child)

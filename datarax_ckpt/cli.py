@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from datarax_ckpt import _integrity, _layout, _manifest, _safeio, _structure
+from datarax_ckpt import _integrity, _layout, _manifest, _safeio, _structure, _writer_lock
 from datarax_ckpt._errors import CheckpointError, CheckpointPathError
 
 EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
@@ -182,10 +183,15 @@ def _pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
 
 
 def _size(folder: Path) -> int:
-    try:  # lstat sizes of the regular files: no symlink followed, nothing opened
-        return sum(_safeio.scan(folder).files.values())
-    except OSError:
-        return 0
+    """Bytes of the files under ``folder``; files a writer removes meanwhile count 0."""
+    total = 0
+    for parent, _, files in os.walk(folder):  # os.walk skips folders that vanish
+        for name in files:
+            try:
+                total += os.stat(os.path.join(parent, name), follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def _human(nbytes: int) -> str:
@@ -218,9 +224,14 @@ def _summary(metadata: Any, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _status(structure: _structure.Structure, label: str) -> tuple[str, str]:
-    """``(plain status, rich status)`` of a quick check."""
+def _status(
+    structure: _structure.Structure, label: str, writer: dict | None = None
+) -> tuple[str, str]:
+    """``(plain status, rich status)`` of a quick check; ``writer``: the live writer."""
     if ".orbax-checkpoint-tmp" in label:
+        if writer is not None:
+            who = escape(_writer_lock.describe(writer))
+            return "pending", f"[cyan]pending[/] (writer: {who})"
         return "incomplete", "[yellow]incomplete (unfinished save)[/]"
     if structure.problems:
         first = structure.problems[0]
@@ -233,6 +244,23 @@ def _status(structure: _structure.Structure, label: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- commands
 
 
+def _ls_row(label, step, folder: Path, writer: dict | None, quick: bool = True) -> dict:
+    """One row of ``ls``; ``quick=False`` for a temporary folder that keeps changing."""
+    structure = _structure.inspect(folder) if quick else _structure.Structure(folder, [], set())
+    plain, rich = _status(structure, label, writer)
+    return {
+        "name": label,
+        "step": step,
+        "path": str(folder),
+        "written": _written(folder, structure) if quick else "-",
+        "bytes": _size(folder),
+        "status": plain,
+        "problems": [str(p) for p in structure.problems],
+        "metadata": structure.metadata,
+        "_rich": rich,
+    }
+
+
 @app.command("ls")
 def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
     """List checkpoints: step, time, size, quick check, metadata.
@@ -241,24 +269,25 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
     disk, the quick check and a summary of its metadata.
     The quick check looks at Orbax's commit marker and at every file the data needs
     (present, long enough) without reading the arrays; `verify` reads everything.
+    A save still being written by a live writer is shown as pending; one left by a
+    killed writer as incomplete. Safe beside a running training job: it only reads.
     """
+    writer = _writer_lock.holder(directory)
+    writer = writer if _writer_lock.is_alive(writer) else None
     rows = []
     for label, step, folder in _folders(directory):
-        structure = _structure.inspect(folder)
-        plain, rich = _status(structure, label)
-        rows.append(
-            {
-                "name": label,
-                "step": step,
-                "path": str(folder),
-                "written": _written(folder, structure),
-                "bytes": _size(folder),
-                "status": plain,
-                "problems": [str(p) for p in structure.problems],
-                "metadata": structure.metadata,
-                "_rich": rich,
-            }
-        )
+        try:
+            row = _ls_row(label, step, folder, writer)
+        except OSError:
+            pending = ".orbax-checkpoint-tmp" in label and folder.exists()
+            if not pending and folder.exists():
+                raise
+            # A save in progress changes its folder under us: report it as such.
+            row = _ls_row(label, step, folder, writer, quick=False) if pending else None
+        # Committed (renamed) or deleted by a writer since the listing: not damage, and
+        # the next `ls` shows where it went.
+        if row is not None and folder.exists():
+            rows.append(row)
     if as_json:
         print(json.dumps([{k: v for k, v in r.items() if k != "_rich"} for r in rows], indent=2))
         return
@@ -273,6 +302,7 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
         table.add_column(name, justify=justify, no_wrap=name != "metadata")
     for r in rows:
         step = str(r["step"]) if r["step"] is not None else r["name"]
+        step = step.split(".orbax-checkpoint-tmp")[0].removeprefix(_layout.STEP_PREFIX)
         table.add_row(
             step, r["written"], _human(r["bytes"]), r["_rich"], escape(_summary(r["metadata"]))
         )

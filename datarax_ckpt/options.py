@@ -39,8 +39,9 @@ class CheckpointOptions:
         max_pending_bytes: Optional bound on the bytes held by pending snapshots.
         on_backpressure: ``"wait"`` (default): the save waits for earlier writes to
             drain. ``"skip"``: the save is dropped with a logged warning and returns None.
-        cleanup_tmp_directories: Remove temporary folders left by a killed save when a
-            directory is first used.
+        cleanup_tmp_directories: Remove temporary folders left by a killed save when
+            this handler first saves to a directory (it then holds the directory's
+            writer lock, so no live writer owns them). Reads never remove anything.
         checksums: Record an xxh3-64 checksum of every stored array (and of the manifest
             and metadata) with each save, hashed in the background beside the write. It lets
             ``verify()`` and ``restore()`` detect silent corruption (see ``docs/trust.md``

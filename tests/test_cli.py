@@ -71,6 +71,23 @@ def test_ls_lists_each_step_with_time_size_status_and_metadata(directory):
     assert all(e["bytes"] > 4096 for e in entries[:2])
 
 
+def test_ls_shows_a_live_writers_unfinished_save_as_pending(directory):
+    (directory / "ckpt-3.orbax-checkpoint-tmp-1234").mkdir()
+    with OrbaxCheckpointHandler() as writer:  # a live writer holds the directory
+        writer.save(directory, make_state(4), step=4)
+        writer.wait_until_finished()
+        (directory / "ckpt-5.orbax-checkpoint-tmp-99").mkdir()  # as its next save would
+        code, out, _ = cli("ls", directory, "--json")
+        assert code == 0
+        assert [(e["name"], e["status"]) for e in json.loads(out)][-1] == (
+            "ckpt-5.orbax-checkpoint-tmp-99",
+            "pending",
+        )
+        code, out, _ = cli("ls", directory)
+        assert f"pending (writer: host {os.uname().nodename}, pid {os.getpid()})" in out
+    assert not (directory / "ckpt-3.orbax-checkpoint-tmp-1234").exists()  # the writer's
+
+
 def test_show_lists_every_logical_leaf_and_the_metadata(directory):
     code, out, _ = cli("show", directory, "--step", "1", "--json")
     assert code == 0

@@ -24,9 +24,11 @@ from datarax_ckpt import (
     CheckpointNotFoundError,
     OrbaxCheckpointHandler,
     StructureMismatchError,
+    _writer_lock,
 )
 
 Pair = collections.namedtuple("Pair", "first second")
+LOCK = _writer_lock.LOCK_NAME  # held by an open handler that saved to the directory
 
 
 def make_state(seed=0):
@@ -63,7 +65,8 @@ def test_save_returns_the_folder_and_restore_gets_exact_state(handler, tmp_path)
     assert handler.save(tmp_path, state) == str(tmp_path / "checkpoint")
     assert_identical(handler.restore(tmp_path), state)
     assert_identical(handler.restore(tmp_path, step=3), state)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-3"]
+    # The writer lock of this open handler (docs/reliability.md) sits beside the steps.
+    assert sorted(os.listdir(tmp_path)) == [LOCK, "checkpoint", "ckpt-3"]
 
 
 def test_unversioned_checkpoint_is_restored_when_there_are_no_steps(handler, tmp_path):
@@ -79,7 +82,7 @@ def test_keep_retention_with_async_saves_leaves_newest_and_no_temporaries(handle
         handler.save(tmp_path, make_state(step), step=step, keep=2)
     handler.wait_until_finished()
     assert handler.get_checkpoint_steps(tmp_path) == [4, 5]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-4", "ckpt-5"]
+    assert sorted(os.listdir(tmp_path)) == [LOCK, "checkpoint", "ckpt-4", "ckpt-5"]
     assert handler.list_checkpoints(tmp_path) == {
         4: str(tmp_path / "ckpt-4"),
         5: str(tmp_path / "ckpt-5"),

@@ -24,6 +24,7 @@ from datarax_ckpt import (
     VerifyReport,
     _integrity,
     _structure,
+    _writer_lock,
 )
 
 
@@ -106,7 +107,7 @@ def test_a_failure_while_hashing_is_raised_and_the_step_still_restores(tmp_path,
         with pytest.raises(CheckpointError, match="committed without content checksums") as e:
             handler.wait_until_finished()
         assert isinstance(e.value.__cause__, RuntimeError)
-        assert sorted(os.listdir(tmp_path)) == ["ckpt-1", "ckpt-2"]
+        assert sorted(os.listdir(tmp_path)) == [_writer_lock.LOCK_NAME, "ckpt-1", "ckpt-2"]
         report = handler.verify(tmp_path, step=2)
         assert report.ok and not report.checksums_recorded
         assert_identical(handler.restore(tmp_path, state, step=2), state)

@@ -110,20 +110,27 @@ _WRITER = textwrap.dedent(
 )
 
 
-def _write_in_another_process(directory, first, stop):
-    subprocess.run(
+def _write_in_another_process(directory, first, stop, check=True):
+    return subprocess.run(
         [sys.executable, "-c", _WRITER, str(directory), str(first), str(stop)],
-        check=True,
+        check=check,
         timeout=300,
+        capture_output=not check,
+        text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
 
 
 def test_steps_written_by_another_process_are_never_lost(tmp_path):
-    with OrbaxCheckpointHandler() as h:  # its Orbax manager has seen step 1 only
+    with OrbaxCheckpointHandler() as h:
         h.save(tmp_path, state(1), step=1, keep=2)
         h.wait_until_finished()
-        _write_in_another_process(tmp_path, 2, 5)
+        # While h is the directory's writer, another process may not write there.
+        refused = _write_in_another_process(tmp_path, 2, 5, check=False)
+        assert refused.returncode != 0 and "WriterConflictError" in refused.stderr
+        assert h.get_checkpoint_steps(tmp_path) == [1]
+    _write_in_another_process(tmp_path, 2, 5)  # the next writer, after h closed
+    with OrbaxCheckpointHandler() as h:
         with pytest.raises(StepOrderError, match=r"newer steps \[4\].*overwrite=True"):
             h.save(tmp_path, state(3), step=3, keep=2)
         h.save(tmp_path, state(5), step=5, keep=2)

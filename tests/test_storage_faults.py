@@ -32,7 +32,7 @@ from _fault_child import (
 from _trees import assert_identical as assert_same
 from orbax.checkpoint._src.path import async_path
 
-from datarax_ckpt import OrbaxCheckpointHandler
+from datarax_ckpt import OrbaxCheckpointHandler, _writer_lock
 
 CHILD = Path(__file__).with_name("_fault_child.py")
 # make_state() stores ~3.1 MiB: an 11 MiB disk takes three checkpoints, not four.
@@ -134,10 +134,13 @@ def test_read_only_mid_run_fails_the_next_call_wait_and_close(small_disk):
 
     _check_intact(directory, [0, 1])  # restoring works on the read-only disk
     make_writable(str(directory), mounted)
-    assert _leftovers(directory) == []
+    # No temporary folder; only the writer lock file, which close() could not remove
+    # from the read-only disk. It is no longer locked: the next writer takes it.
+    assert _leftovers(directory) == [_writer_lock.LOCK_NAME]
     with OrbaxCheckpointHandler() as handler:
         handler.save(directory, make_state(2), step=2)
     _check_intact(directory, [0, 1, 2])
+    assert _leftovers(directory) == []
 
 
 def test_read_only_unversioned_checkpoint_is_refused_and_the_old_one_kept(small_disk):
