@@ -52,7 +52,7 @@ class StepOrderError(CheckpointError, ValueError):
 
 class CheckpointPathError(CheckpointError, ValueError):
     """A checkpoint directory path that cannot be used: empty, a NUL byte, a name too long,
-    or (for writing) not encodable as UTF-8."""
+    or not encodable as UTF-8 (TensorStore, under Orbax, takes only UTF-8 paths)."""
 
 
 class CheckpointNotADirectoryError(CheckpointError, NotADirectoryError):

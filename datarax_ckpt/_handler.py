@@ -25,6 +25,7 @@ from datarax_ckpt import (
     _multihost,
     _restoring,
     _retention,
+    _safeio,
     _snapshot,
     _steps,
     _structure,
@@ -733,6 +734,7 @@ class OrbaxCheckpointHandler:
         return handle
 
     def _enter(self, path: epath.Path) -> _directory.Directory:
+        _safeio.check_utf8(path)  # TensorStore takes only UTF-8 paths
         with self._lock:
             self._check_open()
             self._raise_errors()

@@ -36,8 +36,9 @@ import orbax.checkpoint as ocp
 import xxhash
 from etils import epath
 
-from datarax_ckpt import _hostcopy, _layout, _reading
+from datarax_ckpt import _hostcopy, _layout, _reading, _safeio
 from datarax_ckpt._errors import CheckpointError
+from datarax_ckpt._manifest import slot_paths, stored_arrays
 from datarax_ckpt._structure import (
     _JSON_FILE,
     _JSON_ITEMS,
@@ -46,13 +47,11 @@ from datarax_ckpt._structure import (
     Structure,
     VerifyReport,
     _first_line,
-    _slot_paths,
     _step_of,
     _stored_keys,
     corrupted,
     inspect,
     is_storage_error,
-    stored_arrays,
 )
 
 ALGORITHM = "xxh3_64"
@@ -219,7 +218,9 @@ def _pack_segments(manifest: dict) -> dict[str, list[tuple[int, int, int]]]:
 def default_item_handlers() -> dict[str, Any]:
     """Orbax handlers able to read every item of a datarax_ckpt checkpoint."""
     return {
-        _layout.ITEM_STATE: ocp.PyTreeCheckpointHandler(),
+        # Orbax's handler with datarax_ckpt's host reads (_reading.AlignedHostArray),
+        # which wait for every TensorStore read before reporting a damaged one.
+        _layout.ITEM_STATE: _reading.state_handler(use_ocdbt=True, use_compression=True),
         **{item: ocp.JsonCheckpointHandler() for item in _JSON_ITEMS},
     }
 
@@ -304,7 +305,7 @@ def _damaged_leaves(value: Any, record: dict, structure: Structure) -> tuple[str
     bounds = {
         slot: (a, b) for segs in _pack_segments(structure.manifest).values() for slot, a, b in segs
     }
-    paths = _slot_paths(structure.manifest)
+    paths = slot_paths(structure.manifest)
     bad = []
     for slot, expected in sums.items():
         start, stop = bounds.get(int(slot), (0, 0))
@@ -362,26 +363,26 @@ def load_verified(
     return _reading.place(loaded, storage)
 
 
-def _files_under(path: epath.Path) -> list[epath.Path]:
-    files, folders = [], [path]
-    while folders:
-        for child in sorted(folders.pop().iterdir()):
-            (folders if child.is_dir() else files).append(child)
-    return sorted(files)
+def _read_files(structure: Structure, skip: set[str]) -> tuple[list[Problem], int]:
+    """Reads every regular file of the scan (up to what the checkpoint needs of it);
+    returns problems and the count.
 
-
-def _read_files(path: epath.Path, skip: set[str]) -> tuple[list[Problem], int]:
-    """Reads every file under ``path`` to its end; returns problems and the file count."""
+    Symlinks, FIFOs, sockets and devices were reported by the scan and are not opened.
+    A file is read up to the bytes the OCDBT index needs of it, or else up to the larger
+    of the JSON size limit and twice the declared arrays: a huge (sparse) file in a
+    checkpoint costs bounded time.
+    """
+    declared = 0
+    if structure.checked is not None:
+        declared = sum(math.prod(s) * d.itemsize for d, s in structure.checked.stored.values())
+    cap = max(_safeio.MAX_JSON_BYTES, 2 * declared + (1 << 20))
     problems, count = [], 0
-    for file in _files_under(path):
-        rel = str(file.relative_to(path))
+    for rel in sorted(structure.scan.files if structure.scan is not None else ()):
         if rel in skip:
             continue
         count += 1
         try:
-            with file.open("rb") as f:
-                while f.read(_READ_CHUNK):
-                    pass
+            _safeio.read_to_end(structure.path / rel, structure.needed.get(rel, cap))
         except OSError as e:
             problems.append(Problem("unreadable_file", f"cannot be read: {e}", rel))
     return problems, count
@@ -426,18 +427,20 @@ def verify(
     step = _step_of(path)
     if not full or not path.is_dir():
         return VerifyReport(str(path), step, tuple(problems), recorded, full=False, notes=notes)
-    skip = {p.file for p in problems if p.kind in ("missing_file", "truncated_file") and p.file}
-    file_problems, files = _read_files(path, skip)
+    skip = {p.file for p in problems if p.file}  # already found damaged: not read again
+    file_problems, files = _read_files(structure, skip)
     problems += file_problems
     for item in (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA):
         value = getattr(structure, item)
         if value is not None and (problem := _json_problem(structure, item, value)):
             problems.append(problem)
     checked = nbytes = 0
-    manifest = structure.manifest
     damaged = {p.key for p in problems if p.key is not None}
-    if manifest is not None and manifest.get("format") == "datarax_ckpt":
-        arrays = stored_arrays(manifest)
+    # Orbax reads the arrays only from a folder whose entries are all regular files
+    # and whose manifest validated (so no buffer is sized by a damaged declaration).
+    safe = structure.scan is not None and structure.scan.is_safe_under(_layout.ITEM_STATE)
+    if structure.checked is not None and safe:
+        arrays = structure.checked.stored
         records = (structure.checksums or {}).get("arrays") or {}
         keys = [k for k in arrays if k not in damaged]
         sizes = {k: math.prod(s) * d.itemsize for k, (d, s) in arrays.items()}
@@ -468,8 +471,11 @@ def _read_arrays(checkpointer, path, keys, arrays, structure) -> Iterator[tuple[
     """Yields ``(key, numpy array or Problem)``; retries one by one if a batch fails."""
 
     def restore(batch: list[str]) -> dict:
-        item = {k: np.empty(arrays[k][1], arrays[k][0]) for k in batch}
-        args = {k: ocp.RestoreArgs(restore_type=np.ndarray, dtype=arrays[k][0]) for k in batch}
+        item = {k: _reading.template(arrays[k][1], arrays[k][0]) for k in batch}
+        args = {
+            k: ocp.RestoreArgs(restore_type=_reading.AlignedHostArray, dtype=arrays[k][0])
+            for k in batch
+        }
         restored = checkpointer.restore(
             path,
             args=ocp.args.Composite(
@@ -502,4 +508,13 @@ def _read_arrays(checkpointer, path, keys, arrays, structure) -> Iterator[tuple[
         )
         return
     for key in keys:
-        yield key, loaded[key]
+        value = loaded[key]
+        if tuple(value.shape) != tuple(arrays[key][1]):
+            value = Problem(
+                "unreadable_array",
+                f"it holds shape {list(value.shape)}, the manifest declares {list(arrays[key][1])}",
+                structure.file_of(key) or _layout.ITEM_STATE,
+                key,
+                structure.leaves(key),
+            )
+        yield key, value

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _s3
+from datarax_ckpt import _s3, _safeio
 from datarax_ckpt._errors import CheckpointError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -64,12 +64,18 @@ class CkptNameFormat(ocp.step.NameFormat):
             return None
         return ocp.step.Metadata(step=int(match.group(1)), path=path)
 
+    def _orbax_metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
+        # Orbax reads each listed step's metadata and metrics files: a step where that
+        # would block, exhaust memory or raise is left out of its view (restore and
+        # verify report it).
+        return self._metadata(path) if step_metadata_error(path) is None else None
+
     def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.step.Metadata]:
         base = epath.Path(base_path)
         if not base.is_dir():
             return iter([])
         candidates = [p for p in base.iterdir() if _STEP_RE.match(p.name)]
-        return ocp.step.build_step_metadatas(candidates, self._metadata)
+        return ocp.step.build_step_metadatas(candidates, self._orbax_metadata)
 
     def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
         metadata = self._metadata(epath.Path(base_path) / self.build_name(step))
@@ -79,6 +85,30 @@ class CkptNameFormat(ocp.step.NameFormat):
 
 
 NAME_FORMAT = CkptNameFormat()
+
+
+def step_metadata_error(step: epath.Path) -> str | None:
+    """Why Orbax's CheckpointManager could not list ``step``, or None if it can.
+
+    It reads every listed step's ``_CHECKPOINT_METADATA`` when it starts and on each
+    reload: a FIFO there would block it, a huge file exhaust memory, and a JSON value of
+    the wrong type raise ``ValueError`` for every step of the directory.
+    """
+    if not _safeio.safe_to_list(step):
+        return "a step folder or metadata file that is a link, FIFO, device or too large"
+    try:
+        data = _safeio.read_json(step / "_CHECKPOINT_METADATA", _safeio.LISTED_BYTES)
+    except (OSError, ValueError):
+        return None  # missing or not JSON: Orbax logs it and lists the step anyway
+    try:
+        from orbax.checkpoint._src.metadata import step_metadata_serialization as orbax_step
+    except ImportError:  # pragma: no cover - another Orbax layout: no check
+        return None
+    try:
+        orbax_step.InternalCheckpointMetadata.deserialize(data)
+    except Exception as e:  # noqa: BLE001 - any error Orbax's listing would raise
+        return f"Orbax cannot read it: {str(e)[:200]}"
+    return None
 
 
 def step_folders(directory: epath.Path) -> dict[int, epath.Path]:

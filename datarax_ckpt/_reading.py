@@ -84,7 +84,7 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
                 target_dtype=arg.dtype,
             )
             opened.append(ts.open(ts.Spec(spec.json), open=True, context=info.ts_context))
-        stores = await asyncio.gather(*opened)
+        stores = await _gather_all(opened)
         outs = [
             aligned_empty(math.prod(t.shape), t.dtype.numpy_dtype).reshape(t.shape) for t in stores
         ]
@@ -95,10 +95,22 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
             if callback is not None:
                 callback(name, out)
 
-        await asyncio.gather(
-            *(fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True))
-        )
+        await _gather_all([fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True)])
         return outs
+
+
+async def _gather_all(awaitables: list) -> list:
+    """``asyncio.gather``, but raises only once every awaitable has finished.
+
+    A plain gather raises at the first failure (a damaged file) and leaves the other
+    TensorStore futures running; Orbax then closes its event loop, and each of them,
+    finishing, prints "RuntimeError: Event loop is closed" from a TensorStore thread.
+    """
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 @functools.cache
@@ -154,7 +166,7 @@ def read(
     for key, spec in storage.items():
         dtype, shape = stored.get(key, (spec.dtype, spec.shape))
         if reads_to_host(spec, checked=key in checked):
-            item[key] = np.empty(shape, dtype)
+            item[key] = template(shape, dtype)
             restore_args[key] = ocp.RestoreArgs(restore_type=AlignedHostArray, dtype=dtype)
         else:
             item[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=spec.sharding)
@@ -165,7 +177,23 @@ def read(
         return {}
     # Only the requested stored arrays are read: the others are skipped, not loaded.
     state = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
-    return dict(read_items(**{_layout.ITEM_STATE: state})[_layout.ITEM_STATE])
+    loaded = dict(read_items(**{_layout.ITEM_STATE: state})[_layout.ITEM_STATE])
+    for key, value in loaded.items():  # the stored shape, not the manifest's, sized it
+        if tuple(value.shape) != tuple(item[key].shape):
+            raise ValueError(
+                f'DATA_LOSS: Error decoding "{key}/": the stored array holds shape '
+                f"{list(value.shape)}, the manifest declares {list(item[key].shape)}"
+            )
+    return loaded
+
+
+def template(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A numpy restore template that allocates nothing (a broadcast view of one element).
+
+    Orbax only needs its type, shape and dtype; the reader allocates by the stored
+    shape, which is then compared with the declared one.
+    """
+    return np.broadcast_to(np.zeros((), dtype), shape)
 
 
 def place(loaded: Mapping[str, Any], storage: Mapping[str, StoredSpec]) -> dict[str, Any]:

@@ -12,7 +12,16 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _directory, _integrity, _layout, _s3, _snapshot, _structure, serialization
+from datarax_ckpt import (
+    _directory,
+    _integrity,
+    _layout,
+    _manifest,
+    _s3,
+    _snapshot,
+    _structure,
+    serialization,
+)
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointNotFoundError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -180,10 +189,14 @@ def _read_items(handle, path, target, metadata_only, verify=False, partial=False
     ours = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
     if not any((path / item).exists() for item in ours):
         # None of our items: another tool's checkpoint, not a damaged one of ours.
-        serialization.check_manifest(None, str(path))
+        _manifest.check_format(None, str(path))
+    # The one validation of this restore: the manifest against the files (and every
+    # entry of the folder, every JSON item read with a size limit), before allocating.
     structure = _structure.inspect(path, arrays=not metadata_only)
     if structure.problems:
         raise _structure.corrupted(path, structure.problems)
+    if structure.checked is None:  # not ours, or a newer format version
+        _manifest.check_format(structure.manifest, str(path))
     if not verify:
         structure.checksums = None
     with _integrity.reading(structure):
@@ -191,6 +204,12 @@ def _read_items(handle, path, target, metadata_only, verify=False, partial=False
 
 
 def _read_checked(handle, path, target, metadata_only, structure, partial) -> Any:
+    # The JSON items were read by the structural check (bounded, regular files only):
+    # Orbax reads only the arrays.
+    _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, structure.manifest)
+    if metadata_only:
+        _integrity.check_json_item(structure, _layout.ITEM_METADATA, structure.metadata)
+        return structure.metadata
     # Through a plain Checkpointer, never the directory's CheckpointManager: creating a
     # manager cleans up the directory, which only its writer may do (_writer_lock).
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handle.item_handlers()))
@@ -204,25 +223,9 @@ def _read_through(checkpointer, path, target, metadata_only, structure, partial)
     def read(**items):
         return checkpointer.restore(path, args=ocp.args.Composite(**items))
 
-    if not (path / _layout.ITEM_MANIFEST).exists():
-        serialization.check_manifest(None, str(path))
-    if metadata_only:
-        # The manifest (its size grows with the number of leaves, not their bytes) is
-        # read too, so that a newer format is refused here as well.
-        items = (_layout.ITEM_METADATA, _layout.ITEM_MANIFEST)
-        loaded = read(**{item: ocp.args.JsonRestore() for item in items})
-        serialization.check_manifest(loaded[_layout.ITEM_MANIFEST], str(path))
-        _integrity.check_json_item(structure, _layout.ITEM_METADATA, loaded[items[0]])
-        return loaded[_layout.ITEM_METADATA]
-    manifest = structure.manifest  # parsed by the structural check, which reads it
-    if manifest is None:
-        manifest = read(**{_layout.ITEM_MANIFEST: ocp.args.JsonRestore()})
-        manifest = manifest[_layout.ITEM_MANIFEST]
-    serialization.check_manifest(manifest, str(path))
-    _integrity.check_json_item(structure, _layout.ITEM_MANIFEST, manifest)
-    plan = serialization.plan_restore(manifest, target, partial=partial)
+    plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
-    loaded = _integrity.load_verified(read, plan.storage, manifest, structure)
+    loaded = _integrity.load_verified(read, plan.storage, structure.checked.raw, structure)
     return plan.build(loaded)
 
 

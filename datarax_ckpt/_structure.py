@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Iterator
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
 from etils import epath
 
-from datarax_ckpt import _layout, _s3
+from datarax_ckpt import _layout, _manifest, _s3, _safeio
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
+from datarax_ckpt._manifest import leaf_table as leaf_table  # for the CLI and tests
+from datarax_ckpt._manifest import leaves_by_key, stored_arrays
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed step folder
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -69,114 +68,6 @@ def is_storage_error(error: BaseException) -> bool:
 # --------------------------------------------------------------------------- manifest views
 
 
-@dataclasses.dataclass(frozen=True)
-class LeafInfo:
-    """One logical leaf of a saved tree, as the manifest describes it."""
-
-    path: str
-    kind: str  # "array", "key", "str", "bytes", "int", "float", "bool", "complex", "none"
-    dtype: str
-    shape: tuple[int, ...] | None
-    nbytes: int
-    stored: str  # "a3", "p0[12:15]", "manifest" or "empty"
-    lib: str | None = None  # for arrays: "jax", "numpy" or "npscalar"
-    value: Any = None  # Python scalars only
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["shape"] = list(self.shape) if self.shape is not None else None
-        return out
-
-
-def _walk(node: dict, path: str, out: list[tuple[str, dict]]) -> None:
-    from datarax_ckpt.serialization import _join
-
-    kind = node["t"]
-    if kind == "obj":
-        _walk(node["c"], f"{path}.get_state()", out)
-    elif kind == "nnx":
-        _walk(node["c"], path, out)
-    elif kind == "dict":
-        for key, child in zip(node["k"], node["c"], strict=True):
-            _walk(child, _join(path, key), out)
-    elif kind in ("list", "tuple"):
-        for i, child in enumerate(node["c"]):
-            _walk(child, f"{path}[{i}]", out)
-    elif kind == "node":
-        for key, child in zip(node["k"], node["c"], strict=True):
-            _walk(child, _join(path, key, attr=isinstance(key, str)), out)
-    else:
-        out.append((path or "<root>", node))
-
-
-def _storage_of(manifest: dict, slot: int) -> tuple[str | None, str]:
-    entry = manifest["slots"][slot]
-    if "key" in entry:
-        return entry["key"], entry["key"]
-    if "pack" in entry:
-        key = manifest["packs"][entry["pack"]]["key"]
-        size = math.prod(entry["shape"])
-        return key, f"{key}[{entry['offset']}:{entry['offset'] + size}]"
-    return None, "empty"
-
-
-def leaf_table(manifest: dict) -> list[LeafInfo]:
-    """Every logical leaf (packed ones included) with its kind, dtype, shape and bytes."""
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    leaves = []
-    for path, node in nodes:
-        kind = node["t"]
-        if "s" not in node:
-            value = complex(*node["v"]) if kind == "complex" else node.get("v")
-            shape = () if kind != "none" else None
-            leaves.append(LeafInfo(path, kind, kind, shape, 0, "manifest", value=value))
-            continue
-        slot = manifest["slots"][node["s"]]
-        _, stored = _storage_of(manifest, node["s"])
-        shape = tuple(slot["shape"])
-        nbytes = math.prod(shape) * jnp.dtype(slot["dtype"]).itemsize
-        if kind == "key":
-            leaves.append(LeafInfo(path, kind, f"key<{node['impl']}>", shape[:-1], nbytes, stored))
-        elif kind in ("str", "bytes"):
-            leaves.append(LeafInfo(path, kind, kind, None, nbytes, stored))
-        else:
-            leaves.append(
-                LeafInfo(path, kind, slot["dtype"], shape, nbytes, stored, lib=node.get("lib"))
-            )
-    return leaves
-
-
-def stored_arrays(manifest: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """``{storage key: (dtype, shape)}`` of the arrays Orbax holds for a manifest."""
-    out = {p["key"]: (jnp.dtype(p["dtype"]), (p["size"],)) for p in manifest["packs"]}
-    for entry in manifest["slots"]:
-        if "key" in entry:
-            out[entry["key"]] = (jnp.dtype(entry["dtype"]), tuple(entry["shape"]))
-    return out
-
-
-def _slot_paths(manifest: dict) -> dict[int, str]:
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    return {node["s"]: path for path, node in nodes if "s" in node}
-
-
-def leaves_by_key(manifest: dict | None) -> dict[str, list[str]]:
-    """``{storage key: [tree paths of the leaves stored in it]}``."""
-    if manifest is None:
-        return {}
-    nodes: list[tuple[str, dict]] = []
-    _walk(manifest["tree"], "", nodes)
-    out: dict[str, list[str]] = {}
-    for path, node in nodes:
-        if "s" in node:
-            key, _ = _storage_of(manifest, node["s"])
-            if key is not None:
-                out.setdefault(key, []).append(path)
-    return out
-
-
 # --------------------------------------------------------------------------- reports
 
 
@@ -187,7 +78,9 @@ class Problem:
     Attributes:
         kind: ``"not_committed"``, ``"missing_file"``, ``"truncated_file"``,
             ``"unreadable_file"``, ``"missing_item"``, ``"checksum_mismatch"``,
-            ``"missing_checksum"`` or ``"unreadable_array"``.
+            ``"missing_checksum"``, ``"unreadable_array"``, ``"unsafe_entry"`` (a
+            symlink, FIFO, socket or device, never opened) or ``"invalid_manifest"``
+            (a manifest that cannot describe the stored data).
         message: What is wrong, in words.
         file: The file concerned, relative to the checkpoint folder, if known.
         key: The stored array concerned (Orbax key such as ``"p0"`` or ``"a3"``).
@@ -306,11 +199,14 @@ class Structure:
     checksums: dict | None = None
     files_by_key: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    scan: _safeio.Scan | None = None  # every entry of the folder, listed with lstat
+    checked: _manifest.Manifest | None = None  # the manifest, once validated
+    needed: dict[str, int] = dataclasses.field(default_factory=dict)  # OCDBT: bytes per file
     _leaves: dict[str, list[str]] | None = None
 
     def leaves(self, key: str) -> tuple[str, ...]:
         if self._leaves is None:
-            self._leaves = leaves_by_key(self.manifest)
+            self._leaves = leaves_by_key(self.checked or self.manifest)  # one walk
         return tuple(self._leaves.get(key, ()))
 
     def file_of(self, key: str) -> str | None:
@@ -318,24 +214,49 @@ class Structure:
         return f"{_layout.ITEM_STATE}/{files[0]}" if files else None
 
 
-def _read_json(path: epath.Path) -> Any:
-    return json.loads(path.read_text())
+def _read_json(structure: Structure, rel: str) -> Any:
+    """A JSON file of the folder, read only if the scan found it a regular file."""
+    scan = structure.scan
+    if scan is not None and _safeio.is_local(structure.path) and rel not in scan.files:
+        if rel in scan.unsafe:
+            raise _safeio.UnsafeEntryError(f"a {scan.unsafe[rel]}, not a regular file")
+        raise FileNotFoundError(rel)
+    return _safeio.read_json(structure.path / rel)
 
 
 def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
-    """The quick check: commit marker, item folders, JSON items, files the data needs.
+    """The quick check: entries, commit marker, item folders, JSON items, the manifest
+    validated against the files the data needs.
 
-    Reads only small files (JSON items and the OCDBT b-tree), never array data;
-    ``arrays=False`` skips the array item entirely (for metadata-only reads).
+    Reads only small files (JSON items, each with a size limit, and the OCDBT b-tree),
+    never array data, and opens nothing that is not a regular file (see
+    :mod:`datarax_ckpt._safeio`); ``arrays=False`` skips the array item entirely (for
+    metadata-only reads).
     """
     path = epath.Path(path)
     problems: list[Problem] = []
     if not path.is_dir():
         problems.append(Problem("missing_file", "the checkpoint folder does not exist", "."))
         return Structure(path, problems, set())
+    structure = Structure(path, problems, set())
+    try:
+        structure.scan = _safeio.scan(path)
+    except OSError as e:
+        problems.append(Problem("unreadable_file", f"cannot be listed: {e}", "."))
+        return structure
+    for rel, what in sorted(structure.scan.unsafe.items()):
+        problems.append(
+            Problem(
+                "unsafe_entry",
+                f"a {what}, not a regular file or folder: refused, not opened or followed",
+                rel,
+            )
+        )
+    if "." in structure.scan.unsafe:
+        return structure
     if ".orbax-checkpoint-tmp" in path.name or not _layout.is_committed(path):
         problems.append(Problem("not_committed", "a temporary folder of an unfinished save", "."))
-    elif not (path / COMMIT_MARKER).exists():
+    elif COMMIT_MARKER not in structure.scan.files and COMMIT_MARKER not in structure.scan.unsafe:
         problems.append(
             Problem(
                 "not_committed",
@@ -344,11 +265,14 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
                 COMMIT_MARKER,
             )
         )
-    structure = Structure(path, problems, set())
     try:
-        structure.checkpoint_metadata = _read_json(path / CHECKPOINT_METADATA)
+        structure.checkpoint_metadata = _read_json(structure, CHECKPOINT_METADATA)
         handlers = structure.checkpoint_metadata.get("item_handlers") or {}
         structure.items = set(handlers) if isinstance(handlers, dict) else set()
+        if (reason := _layout.step_metadata_error(path)) is not None:
+            problems.append(Problem("unreadable_file", reason, CHECKPOINT_METADATA))
+    except _safeio.UnsafeEntryError:
+        pass  # reported by the scan
     except FileNotFoundError:
         problems.append(
             Problem("missing_file", "Orbax's checkpoint metadata is missing", CHECKPOINT_METADATA)
@@ -357,12 +281,14 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
         problems.append(Problem("unreadable_file", f"unreadable: {e}", CHECKPOINT_METADATA))
     if not structure.items:  # unknown: expect what datarax_ckpt always writes
         structure.items = {_layout.ITEM_MANIFEST, _layout.ITEM_METADATA}
-        structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if (path / i).exists()}
-    wanted = _JSON_ITEMS if arrays else (_layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
-    for item in sorted(structure.items & set(wanted)):
+    # Our item folders count even where Orbax's record of them was damaged.
+    structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if i in structure.scan.dirs}
+    for item in sorted(structure.items & set(_JSON_ITEMS)):
         file = f"{item}/{_JSON_FILE}"
         try:
-            setattr(structure, item, _read_json(path / item / _JSON_FILE))
+            setattr(structure, item, _read_json(structure, file))
+        except _safeio.UnsafeEntryError:
+            pass  # reported by the scan
         except FileNotFoundError:
             problems.append(Problem("missing_file", f"the {item} item is missing", file))
         except (OSError, ValueError) as e:
@@ -373,16 +299,83 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
         structure.notes.append(f"no checksums recorded ({reason}): the data cannot be compared")
     elif structure.checksums is None and structure.manifest is not None:
         structure.notes.append("no checksums recorded: the data cannot be compared")
-    if arrays and structure.manifest is not None and _stored_keys(structure.manifest):
+    if structure.checksums is not None and not isinstance(structure.checksums, dict):
+        problems.append(
+            Problem("unreadable_file", "the checksums item is not a JSON object", _CHECKSUMS_FILE)
+        )
+        structure.checksums = None
+    _check_manifest(structure, arrays)
+    if arrays and structure.checked is not None and structure.checked.stored:
         _inspect_state(structure)
     return structure
+
+
+_CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/{_JSON_FILE}"
+_MANIFEST_FILE = f"{_layout.ITEM_MANIFEST}/{_JSON_FILE}"
+
+
+def _check_manifest(structure: Structure, arrays: bool) -> None:
+    """Validates the manifest once (:func:`_manifest.validate`); problems are recorded."""
+    manifest = structure.manifest
+    try:
+        _manifest.check_format(manifest)
+    except CheckpointError:
+        # Not ours, or a newer version: the reader says so (CheckpointFormatError),
+        # unless the manifest was read and is damaged: no format and version fields,
+        # or (recorded) a checksum that differs.
+        read = _MANIFEST_FILE in structure.scan.files and not any(
+            p.file == _MANIFEST_FILE for p in structure.problems
+        )
+        if not read:
+            return
+        recorded = ((structure.checksums or {}).get("items") or {}).get(_layout.ITEM_MANIFEST)
+        from datarax_ckpt._integrity import hash_json
+
+        if recorded is not None and hash_json(manifest) != recorded:
+            problem = Problem(
+                "checksum_mismatch", "the manifest differs from its checksum", _MANIFEST_FILE
+            )
+            structure.problems.append(problem)
+        elif not (
+            isinstance(manifest, dict)
+            and isinstance(manifest.get("format"), str)
+            and type(manifest.get("version")) is int
+        ):
+            problem = Problem(
+                "invalid_manifest", "not a manifest: no format and version", _MANIFEST_FILE
+            )
+            structure.problems.append(problem)
+        return
+    orbax_tree = None
+    state_metadata = f"{_layout.ITEM_STATE}/_METADATA"
+    if arrays and structure.scan is not None and state_metadata in structure.scan.files:
+        try:
+            orbax_tree = _read_json(structure, state_metadata).get("tree_metadata")
+        except (OSError, ValueError, AttributeError) as e:
+            structure.problems.append(
+                Problem("unreadable_file", f"unreadable JSON: {e}", state_metadata)
+            )
+            return
+        if not isinstance(orbax_tree, dict):
+            orbax_tree = {}  # validate() then finds every declared array missing
+    records = None
+    if structure.checksums is not None:
+        records = structure.checksums.get("arrays")
+        records = records if isinstance(records, dict) else {}
+    try:
+        structure.checked = _manifest.validate(manifest, orbax_tree=orbax_tree, checksums=records)
+    except _manifest.Invalid as e:
+        leaves = (e.leaf,) if e.leaf else ()
+        if e.key and not leaves:
+            leaves = tuple(structure.leaves(e.key))
+        structure.problems.append(Problem(e.kind, str(e), _MANIFEST_FILE, e.key, leaves))
 
 
 def _stored_keys(manifest: dict) -> list[str]:
     try:
         return list(stored_arrays(manifest))
-    except (KeyError, TypeError, ValueError):
-        return []
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _manifest.stored_keys(manifest) if isinstance(manifest, dict) else []
 
 
 def _inspect_state(structure: Structure) -> None:
@@ -402,10 +395,12 @@ def _inspect_state(structure: Structure) -> None:
                     f"{_layout.ITEM_STATE}/{name}",
                 )
             )
+    if structure.scan is not None and not structure.scan.is_safe_under(_layout.ITEM_STATE):
+        return  # TensorStore would open them: the unsafe entries are reported instead
     if (state / "manifest.ocdbt").exists():
         _inspect_ocdbt(structure, state)
-    elif structure.manifest is not None:  # one zarr folder per array
-        for key in _stored_keys(structure.manifest):
+    elif structure.checked is not None:  # one zarr folder per array
+        for key in structure.checked.stored:
             structure.files_by_key[key] = [key]
             if not (state / key).is_dir():
                 problems.append(
@@ -489,6 +484,7 @@ def _inspect_ocdbt(structure: Structure, state: epath.Path) -> None:
             if file not in structure.files_by_key[key]:
                 structure.files_by_key[key].append(file)
             keys_of.setdefault(file, set()).add(key)
+    structure.needed = {f"{_layout.ITEM_STATE}/{f}": end for f, end in needed.items()}
     for file, end in sorted(needed.items()):
         full = state / file
         keys = sorted(keys_of.get(file, ()))

@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from datarax_ckpt import _integrity, _layout, _s3, _structure, _writer_lock
+from datarax_ckpt import _integrity, _layout, _manifest, _s3, _safeio, _structure, _writer_lock
+from datarax_ckpt._errors import CheckpointError, CheckpointPathError
 
 EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
 EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
@@ -117,6 +118,10 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
         raise _fail(f"{directory} does not exist.")
     if not directory.is_dir():
         raise _fail(f"{directory} is a file, not a checkpoint directory.")
+    try:
+        _safeio.check_utf8(directory.absolute())
+    except CheckpointPathError as e:
+        raise _fail(str(e)) from None
     steps, others = [], []
     for child in directory.iterdir():
         name = child.name
@@ -213,7 +218,8 @@ def _human(nbytes: int) -> str:
 
 
 def _written(folder: Path, structure: _structure.Structure) -> str:
-    meta = structure.checkpoint_metadata or {}
+    meta = structure.checkpoint_metadata
+    meta = meta if isinstance(meta, dict) else {}
     nsecs = meta.get("commit_timestamp_nsecs") or meta.get("init_timestamp_nsecs")
     seconds = nsecs / 1e9 if isinstance(nsecs, int) else folder.stat().st_mtime
     return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
@@ -334,11 +340,15 @@ def show(
     """
     label, step, folder = _pick(directory, step)
     structure = _structure.inspect(folder)
-    manifest = structure.manifest
-    if not isinstance(manifest, dict) or manifest.get("format") != "datarax_ckpt":
-        problems = "; ".join(str(p) for p in structure.problems) or "no datarax_ckpt manifest"
+    if structure.checked is None:  # missing, not ours, newer, or failed validation
+        problems = "; ".join(str(p) for p in structure.problems)
+        if not problems:
+            try:
+                _manifest.check_format(structure.manifest, str(folder))
+            except CheckpointError as e:
+                problems = str(e).rstrip(".")
         raise _fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
-    leaves = _structure.leaf_table(manifest)
+    leaves = _structure.leaf_table(structure.checked)
     plain, rich = _status(structure, label)
     if as_json:
         doc = {

@@ -38,8 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarax_ckpt import _nnx, _snapshot, _validate
-from datarax_ckpt._errors import CheckpointFormatError, StructureMismatchError
+from datarax_ckpt import _manifest, _nnx, _snapshot, _validate
+from datarax_ckpt._errors import (
+    CheckpointCorruptedError,
+    CheckpointFormatError,
+    StructureMismatchError,
+)
 from datarax_ckpt._typing import Checkpointable, PyTree
 from datarax_ckpt.options import DEFAULT_PACK_THRESHOLD_BYTES
 
@@ -56,8 +60,8 @@ __all__ = [
     "serialize",
 ]
 
-FORMAT_NAME = "datarax_ckpt"
-FORMAT_VERSION = 1  # major version: readers refuse a newer one.
+FORMAT_NAME = _manifest.FORMAT_NAME
+FORMAT_VERSION = _manifest.FORMAT_VERSION
 MAX_DEPTH = _validate.MAX_DEPTH  # deepest nesting save() accepts and restore() reads
 
 _SCALARS = {bool: "bool", int: "int", float: "float"}
@@ -399,17 +403,7 @@ class RestorePlan:
 
 def check_manifest(manifest: Any, where: str = "checkpoint") -> None:
     """Raises CheckpointFormatError unless ``manifest`` is one this version can read."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CheckpointFormatError(
-            f"{where} has no datarax_ckpt manifest: it was not written by datarax_ckpt "
-            "(a raw Orbax checkpoint can be read with orbax.checkpoint directly)."
-        )
-    version = manifest.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{where} was written in datarax_ckpt format version {version!r}; this "
-            f"datarax_ckpt reads versions <= {FORMAT_VERSION}. Upgrade datarax_ckpt."
-        )
+    _manifest.check_format(manifest, where)
 
 
 def plan_restore(manifest: dict, target: PyTree = None, *, partial: bool = False) -> RestorePlan:
@@ -432,7 +426,14 @@ def plan_restore(manifest: dict, target: PyTree = None, *, partial: bool = False
         StructureMismatchError: if ``target`` does not match, naming the path, the
             expected and the found.
     """
-    check_manifest(manifest)
+    if isinstance(manifest, _manifest.Manifest):
+        manifest = manifest.raw  # validated once by the restore that planned it
+    else:
+        _manifest.check_format(manifest)
+        try:
+            _manifest.validate(manifest)
+        except _manifest.Invalid as e:
+            raise CheckpointCorruptedError(f"The manifest cannot be restored: {e}") from None
     planner = _Planner(manifest, partial=partial)
     builder = planner.plan(manifest["tree"], target, "", use_target=target is not None)
     if planner.functions:

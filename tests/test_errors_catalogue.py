@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,6 +29,9 @@ from datarax_ckpt import OrbaxCheckpointHandler, serialization
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 PLACES = ("newer", "raw", "empty", "missing", "other", "file", "d")  # longest match first
+# Copies of d whose ckpt-1 was damaged as an untrusted checkpoint can be (made per row).
+DAMAGED = ("unchecked", "linked", "huge", "deep", "fifo")
+PLACES = DAMAGED + PLACES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +101,39 @@ def _namespace(root: Path, templates: Path, call: str) -> dict:
         donated = jnp.ones(3)
         donated.delete()  # what donating it to a jitted function does
         namespace["donated"] = donated
+    for place in DAMAGED:
+        if place in call:
+            shutil.copytree(templates / "d", root / place)
+            _damage(root / place / "ckpt-1", place)
     if "closed" in call:
         namespace["closed"] = OrbaxCheckpointHandler()
         namespace["closed"].close()
     return namespace
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _nest(manifest: dict) -> None:
+    for _ in range(150):
+        manifest["tree"] = {"t": "list", "c": [manifest["tree"]]}
+
+
+def _damage(step: Path, how: str) -> None:
+    if how == "fifo":  # the metadata item replaced by a named pipe
+        (step / "metadata" / "metadata").unlink()
+        os.mkfifo(step / "metadata" / "metadata")
+    elif how == "linked":  # a symbolic link to a device inside the step
+        os.symlink("/dev/zero", step / "state" / "x")
+    elif how == "huge":  # the manifest declares a 2**40-element leaf
+        _edit_json(step / "manifest" / "metadata", lambda m: m["slots"][0].update(shape=[1 << 40]))
+    elif how == "deep":  # the manifest nests 150 levels deep
+        _edit_json(step / "manifest" / "metadata", _nest)
+    elif how == "unchecked":  # the checksum records of the arrays removed
+        _edit_json(step / "checksums" / "metadata", lambda c: c["arrays"].clear())
 
 
 def _files(root: Path) -> dict[str, int]:

@@ -562,16 +562,24 @@ def test_many_threads_share_one_handler(handler, tmp_path):
 # ------------------------------------------------------------------ backpressure
 
 
-def test_skip_policy_drops_saves_when_the_queue_is_full(tmp_path, caplog):
-    big = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(4_000_000), jnp.float32)}
+def test_skip_policy_drops_saves_when_the_queue_is_full(tmp_path, caplog, monkeypatch):
+    # The real Orbax save, held until the three later saves have been issued: the queue
+    # (one pending save allowed) is then full for each of them, whatever the machine's load.
+    release = threading.Event()
+    real_save = ocp.CheckpointManager.save
+
+    def held_save(self, *args, **kwargs):
+        assert release.wait(timeout=120), "the test never released the first write"
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", held_save)
+    big = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(1_000_000), jnp.float32)}
     with OrbaxCheckpointHandler(max_pending_saves=1, on_backpressure="skip") as h:
         results = [h.save(tmp_path, big, step=s) for s in range(4)]
+        release.set()
         h.wait_until_finished()
         steps = h.get_checkpoint_steps(tmp_path)
-    assert results[0] is not None
-    skipped = [s for s, r in enumerate(results) if r is None]
-    # Four 16 MB saves back to back: each capture takes milliseconds, each write tens of
-    # milliseconds, so with one pending save allowed at least one must have been dropped.
-    assert skipped, "no save was skipped although the queue held one pending save"
-    assert steps == [s for s in range(4) if s not in skipped]
-    assert len(skipped) == sum("Skipped the save" in r.message for r in caplog.records)
+        assert h.save(tmp_path, big, step=4) is not None  # room again once the write is done
+    assert results[0] is not None and results[1:] == [None, None, None]
+    assert steps == [0]
+    assert sum("Skipped the save" in r.message for r in caplog.records) == 3
