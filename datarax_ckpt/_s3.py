@@ -96,12 +96,19 @@ def _to_s3(spec: Any) -> Any:
     return {k: _to_s3(v) for k, v in spec.items()}
 
 
-@functools.cache
 def install() -> None:
-    """Teaches Orbax's TensorStore spec builder ``s3://`` (idempotent; other paths unchanged).
+    """Readies this process for ``s3://`` (idempotent; other paths unchanged).
 
-    Called when a handler first opens an ``s3://`` directory; never at import.
+    Teaches Orbax's TensorStore spec builder ``s3://`` (once) and makes sure the shared
+    S3 filesystem talks to the endpoint configured now. Called when a handler first opens
+    an ``s3://`` directory; never at import.
     """
+    _patch_orbax()
+    _filesystem_for(endpoint())
+
+
+@functools.cache
+def _patch_orbax() -> None:
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
     original = ts_utils.build_kvstore_tspec
@@ -116,11 +123,15 @@ def install() -> None:
     build_kvstore_tspec.datarax_s3 = True
     if not getattr(original, "datarax_s3", False):
         ts_utils.build_kvstore_tspec = build_kvstore_tspec
-    # s3fs caches directory listings. With the cache on, the kill test's reader found a
-    # committed step whose marker was there but whose other objects had been deleted (a
-    # decision taken from a listing older than the objects); with it off, it passes.
-    # Every existence check and listing must ask the server.
-    # etils.epath and this module share fsspec's one cached S3 filesystem (no options).
+
+
+_configured_endpoint: list[str | None] = []  # the endpoint the shared filesystem was made for
+
+
+def _filesystem_for(url: str | None) -> None:
+    # etils.epath and this module share fsspec's one cached S3 filesystem (no options),
+    # which reads the endpoint when it is created: if AWS_ENDPOINT_URL changed since (a
+    # second S3 server, another test module), drop the cached one so the next is made anew.
     import fsspec
 
     try:
@@ -129,6 +140,18 @@ def install() -> None:
         raise ImportError(
             "s3:// checkpoint directories need s3fs: pip install 'datarax_ckpt[s3]'."
         ) from e
+    if _configured_endpoint and _configured_endpoint[0] != url:
+        type(fs).clear_instance_cache()
+        # etils.epath keeps its own reference (an lru_cache over fsspec.filesystem).
+        from etils.epath import backend
+
+        getattr(type(backend.fsspec_backend)._get_filesystem, "cache_clear", lambda: None)()
+        fs = fsspec.filesystem("s3")
+    _configured_endpoint[:] = [url]
+    # s3fs caches directory listings. With the cache on, the kill test's reader found a
+    # committed step whose marker was there but whose other objects had been deleted (a
+    # decision taken from a listing older than the objects); with it off, it passes.
+    # Every existence check and listing must ask the server.
     fs.dircache.use_listings_cache = False
     fs.dircache.clear()
 

@@ -35,8 +35,6 @@ from typer.testing import CliRunner  # noqa: E402
 from datarax_ckpt import CheckpointError, OrbaxCheckpointHandler, VerifyReport, cli  # noqa: E402
 
 WATCHDOG_S = 60
-logging.getLogger("datarax_ckpt").setLevel(logging.CRITICAL)  # fallbacks log warnings
-logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def state(step: int) -> dict:
@@ -194,6 +192,10 @@ def fingerprint(root: pathlib.Path) -> dict:
 
 
 def main() -> None:
+    # In the child process only: importing this module (the tests do) must not change
+    # the test process's loggers.
+    logging.getLogger("datarax_ckpt").setLevel(logging.CRITICAL)  # fallbacks log warnings
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     mode = sys.argv[1]
     if mode == "make":
         make(sys.argv[2])
