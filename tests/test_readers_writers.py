@@ -199,7 +199,8 @@ def test_follow_yields_each_new_step_in_order_and_ends_after_its_timeout(tmp_pat
         assert list(reader.follow(tmp_path / "run", timeout=0)) == [9, 10]
         assert list(reader.follow(tmp_path / "run", after=9, timeout=0)) == [10]
 
-        threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        before = set(threading.enumerate())
+        threads, fds = len(before), len(os.listdir("/proc/self/fd"))
         started = time.monotonic()
         idle = reader.follow(tmp_path / "run", after=10, timeout=0.3, poll_interval=0.001)
         assert list(idle) == []  # many looks, no new step
@@ -207,9 +208,10 @@ def test_follow_yields_each_new_step_in_order_and_ends_after_its_timeout(tmp_pat
         # It started no thread and kept no file open (others may have ended meanwhile).
         # Orbax's commit check runs each time on a new event loop whose closed executor
         # thread ends a moment later: wait for those, a leaked one would not end.
-        for thread in threading.enumerate():
+        # Only threads started by follow(): earlier tests may leave long-lived ones.
+        for thread in set(threading.enumerate()) - before:
             if thread.name.startswith("asyncio_"):
-                thread.join(timeout=60)
+                thread.join(timeout=20)
         names = [t.name for t in threading.enumerate()]
         assert threading.active_count() <= threads, names
         assert len(os.listdir("/proc/self/fd")) <= fds
