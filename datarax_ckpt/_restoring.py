@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
@@ -210,22 +209,18 @@ def _read_checked(handle, path, target, metadata_only, structure, partial) -> An
     if metadata_only:
         _integrity.check_json_item(structure, _layout.ITEM_METADATA, structure.metadata)
         return structure.metadata
-    # Through a plain Checkpointer, never the directory's CheckpointManager: creating a
-    # manager cleans up the directory, which only its writer may do (_writer_lock).
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handle.item_handlers()))
-    try:
-        return _read_through(checkpointer, path, target, metadata_only, structure, partial)
-    finally:
-        checkpointer.close()
+    # Through the state item's own Orbax handler, never the directory's
+    # CheckpointManager: creating a manager cleans up the directory, which only its
+    # writer may do (_writer_lock).
+    handler = handle.state_reader()
 
-
-def _read_through(checkpointer, path, target, metadata_only, structure, partial) -> Any:
     def read(**items):
-        return checkpointer.restore(path, args=ocp.args.Composite(**items))
+        return {item: handler.restore(path / item, args=args) for item, args in items.items()}
 
     plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
-    loaded = _integrity.load_verified(read, plan.storage, structure.checked.raw, structure)
+    raw = structure.checked.raw
+    loaded = _integrity.load_verified(read, plan.storage, raw, structure, handle.hash_pool())
     return plan.build(loaded)
 
 
