@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from datarax_ckpt import _layout
+from datarax_ckpt import _layout, _placing
 from datarax_ckpt._snapshot import StoredSpec, aligned_empty
 
 try:  # the function Orbax's own NumpyHandler builds its read spec with
@@ -210,6 +210,6 @@ def place(loaded: Mapping[str, Any], storage: Mapping[str, StoredSpec]) -> dict[
     ]
     if to_device:
         shardings = [storage[k].sharding for k in to_device]
-        placed = jax.device_put([out[k] for k in to_device], shardings)
+        placed = _placing.device_put([out[k] for k in to_device], shardings)
         out.update(zip(to_device, placed, strict=True))
     return out
