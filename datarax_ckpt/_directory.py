@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
+    _arena,
     _integrity,
     _layout,
     _multihost,
@@ -95,6 +96,7 @@ class Directory:
         self._manager: ocp.CheckpointManager | None = None
         self._state_reader: ocp.PyTreeCheckpointHandler | None = None
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.restore_arena = _arena.RestoreArena()  # host memory of restores, reused
         self.coordinator = _multihost.Coordinator(str(path))
         self.writer: _writer_lock.WriterLock | None = None
         if _s3.is_s3(path):
@@ -216,5 +218,6 @@ class Directory:
             if self._hash_pool is not None:
                 self._hash_pool.shutdown(wait=True)
             self.pool.clear()
+            self.restore_arena.clear()
             if self.writer is not None:
                 self.writer.release()

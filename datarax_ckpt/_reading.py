@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -26,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from datarax_ckpt import _layout, _placing
-from datarax_ckpt._snapshot import StoredSpec, aligned_empty
+from datarax_ckpt import _arena, _layout, _placing
+from datarax_ckpt._snapshot import StoredSpec
 
 try:  # the function Orbax's own NumpyHandler builds its read spec with
     from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils
@@ -85,9 +84,7 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
             )
             opened.append(ts.open(ts.Spec(spec.json), open=True, context=info.ts_context))
         stores = await _gather_all(opened)
-        outs = [
-            aligned_empty(math.prod(t.shape), t.dtype.numpy_dtype).reshape(t.shape) for t in stores
-        ]
+        outs = [_arena.empty(tuple(t.shape), t.dtype.numpy_dtype) for t in stores]
         callback = _on_read.get()
 
         async def fill(name: str, out: np.ndarray, store: Any) -> None:

@@ -12,6 +12,7 @@ import jax
 from etils import epath
 
 from datarax_ckpt import (
+    _arena,
     _directory,
     _integrity,
     _layout,
@@ -220,7 +221,8 @@ def _read_checked(handle, path, target, metadata_only, structure, partial) -> An
     plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
     raw = structure.checked.raw
-    loaded = _integrity.load_verified(read, plan.storage, raw, structure, handle.hash_pool())
+    with _arena.reusing(handle.restore_arena):
+        loaded = _integrity.load_verified(read, plan.storage, raw, structure, handle.hash_pool())
     return plan.build(loaded)
 
 
