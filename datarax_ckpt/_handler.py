@@ -44,6 +44,9 @@ from datarax_ckpt.options import CheckpointOptions
 logger = logging.getLogger("datarax_ckpt")
 
 
+_CHUNK_BYTES = 16 << 20
+_CHUNKED = ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES)
+_WHOLE = ocp.SaveArgs()
 _LIVE_HANDLERS: weakref.WeakSet[OrbaxCheckpointHandler] = weakref.WeakSet()
 
 
@@ -384,7 +387,13 @@ class OrbaxCheckpointHandler:
             _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
         }
         if arrays:
-            args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(arrays)
+            # Large arrays in chunks of at most 16 MiB: TensorStore reads a chunk into
+            # a buffer of its own before copying it out, and a 128 MiB one is fresh
+            # memory each time (page faults), while 16 MiB ones reuse malloc's memory.
+            # Reading 1 GiB in 8 arrays: 1.59 s whole, 0.59 s in 16 MiB chunks
+            # (performance.md #25).
+            chunks = {k: _CHUNKED if a.nbytes > _CHUNK_BYTES else _WHOLE for k, a in arrays.items()}
+            args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(arrays, save_args=chunks)
         if self.options.checksums:  # hashed beside the array writes; only process 0 writes
             sums = functools.partial(_integrity.compute, arrays, manifest, metadata)
             args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(sums if primary else dict)
