@@ -1,11 +1,16 @@
-"""_arena: restores read into the memory of earlier restores only once nothing uses it."""
+"""_arena and the directory's long-lived reader: restores reuse memory and Orbax's state
+handler from one restore to the next, yet read what is on disk now, held arrays intact."""
+
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from datarax_ckpt import OrbaxCheckpointHandler
+from datarax_ckpt import CheckpointNotFoundError, OrbaxCheckpointHandler
 
 
 def _state(seed: int) -> dict:
@@ -61,3 +66,58 @@ def test_memory_of_dropped_restores_is_reused(tmp_path):
         assert _pointers(again) & before  # first was dropped: its buffers are read into
         _same(again, state)
         _same(held, state)
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, jax.numpy as jnp
+    from datarax_ckpt import OrbaxCheckpointHandler
+
+    directory, action = sys.argv[1], sys.argv[2]
+
+    def state(seed):
+        rng = np.random.default_rng(seed)
+        return {"w": jnp.asarray(rng.standard_normal((512, 1024)), jnp.float32),
+                "b": [jnp.asarray(rng.standard_normal(40_000), jnp.float32) for _ in range(8)],
+                "n": rng.standard_normal(300_000)}
+
+    with OrbaxCheckpointHandler() as handler:
+        if action == "save":
+            handler.save(directory, state(3), step=3)
+            handler.save(directory, state(5), step=5)
+        elif action == "overwrite":
+            handler.save(directory, state(50), step=5, overwrite=True)
+        elif action == "rollback":
+            handler.rollback(directory, 3)
+    """
+)
+
+
+def _writer(directory, action: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITER, str(directory), action],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_long_lived_reader_sees_what_another_process_wrote_since(tmp_path):
+    # An evaluation job's handler restores the same step again and again while a training
+    # process overwrites it and then rolls it back: each restore reads the disk as it is.
+    _writer(tmp_path, "save")
+    with OrbaxCheckpointHandler() as reader:
+        old = reader.restore(tmp_path, step=5)
+        _same(old, _state(5))
+        _writer(tmp_path, "overwrite")
+        for _ in range(2):  # the second one reads into the memory the first dropped
+            _same(reader.restore(tmp_path, _state(0), step=5), _state(50))
+            _same(reader.restore(tmp_path, step=5), _state(50))
+        _same(old, _state(5))  # still held: never read into
+        _writer(tmp_path, "rollback")
+        with pytest.raises(CheckpointNotFoundError, match="Available steps: \\[3\\]"):
+            reader.restore(tmp_path, step=5)
+        _same(reader.restore(tmp_path), _state(3))
+        _same(old, _state(5))
