@@ -54,6 +54,9 @@ def on_read(callback: Callable[[str, np.ndarray], None]) -> Iterator[None]:
         _on_read.reset(token)
 
 
+_MAX_SPECS = 1 << 14  # read specs kept (a few KiB each)
+
+
 class AlignedHostArray:
     """Restore type: read a stored array as numpy, into 64-byte-aligned memory."""
 
@@ -75,14 +78,7 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
                 await _ts_utils.assert_parameter_files_exist(
                     info.parent_dir / info.name, self._metadata_key, info.use_zarr3
                 )
-            spec = _ts_utils.build_array_read_spec(
-                info,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                metadata_key=self._metadata_key,
-                raise_array_data_missing_error=info.raise_array_data_missing_error,
-                target_dtype=arg.dtype,
-            )
-            opened.append(ts.open(ts.Spec(spec.json), open=True, context=info.ts_context))
+            opened.append(ts.open(self._spec(info, arg), open=True, context=info.ts_context))
         stores = await _gather_all(opened)
         outs = [_arena.empty(tuple(t.shape), t.dtype.numpy_dtype) for t in stores]
         callback = _on_read.get()
@@ -94,6 +90,27 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
 
         await _gather_all([fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True)])
         return outs
+
+    def _spec(self, info: Any, arg: Any) -> ts.Spec:
+        """Orbax's read spec of an array (a pure function of these fields), built once:
+        building it cost ~0.5 ms per array, a tenth of a GPT-2 restore (448 leaves)."""
+        dtype = None if arg.dtype is None else np.dtype(arg.dtype)
+        key = (str(info.parent_dir), info.name, info.is_ocdbt_checkpoint, info.use_zarr3)
+        key += (self._metadata_key, info.raise_array_data_missing_error, dtype)
+        specs = self.__dict__.setdefault("_specs", {})
+        spec = specs.get(key)
+        if spec is None:
+            built = _ts_utils.build_array_read_spec(
+                info,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                metadata_key=self._metadata_key,
+                raise_array_data_missing_error=info.raise_array_data_missing_error,
+                target_dtype=arg.dtype,
+            )
+            if len(specs) >= _MAX_SPECS:
+                specs.clear()
+            spec = specs[key] = ts.Spec(built.json)
+        return spec
 
 
 async def _gather_all(awaitables: list) -> list:
