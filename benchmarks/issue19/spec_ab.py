@@ -1,5 +1,12 @@
 # ruff: noqa: B023, E402, E501, E741  (ad-hoc measurement script, see README.md)
-import sys, time, statistics, shutil, os, numpy as np, jax
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import jax
+
 from benchmarks.config import load_config
 from benchmarks.states import build_state
 from datarax_ckpt import OrbaxCheckpointHandler, _reading
