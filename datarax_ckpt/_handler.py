@@ -13,7 +13,6 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
@@ -23,8 +22,8 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _multihost,
+    _orbax,
     _restoring,
-    _retention,
     _safeio,
     _snapshot,
     _steps,
@@ -245,13 +244,13 @@ class OrbaxCheckpointHandler:
         _validate.flag("overwrite", overwrite)
         _validate.flag("force", force)
         metadata = _validate.metadata(metadata)
-        _retention.metrics(self.options, metadata)  # a bad keep_best metric: before writing
+        _orbax.metrics(self.options, metadata)  # a bad keep_best metric: before writing
         path = _validate.save_directory(directory)
         name = _layout.step_name(step)
         with self._lock_for(capture):
             self._check_open()
             self._raise_errors()
-            if not (force or step is None or _retention.on_interval(self.options, step)):
+            if not (force or step is None or _orbax.on_interval(self.options, step)):
                 return None  # off save_interval_steps
             handle = self._handle_for(path)
             try:
@@ -379,17 +378,11 @@ class OrbaxCheckpointHandler:
         if primary:
             handle.path.mkdir(parents=True, exist_ok=True)
             _layout.clear_impostors(handle.path)  # before Orbax renames into the trash
-        args = {
-            _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
-            _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
-        }
-        if arrays:
-            args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(arrays)
+        checksums = None
         if self.options.checksums:  # hashed beside the array writes; only process 0 writes
             sums = functools.partial(_integrity.compute, arrays, manifest, metadata)
-            args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(sums if primary else dict)
-        checksums = args.get(_layout.ITEM_CHECKSUMS)
-        args = ocp.args.Composite(**args)
+            checksums = _orbax.ChecksumsSave(sums if primary else dict, _integrity.unavailable)
+        args = _orbax.save_args(manifest, metadata, arrays, checksums)
         manager = handle.manager() if step is None else handle.manager(keep)
         path = handle.path / _layout.step_name(step)
         backup = None
@@ -405,24 +398,13 @@ class OrbaxCheckpointHandler:
             handle.coordinator.barrier("moved-aside")
         try:
             if step is None:
-                atomicity = handle.atomicity()  # the commit protocol, for items too
-                checkpointer = ocp.Checkpointer(
-                    ocp.CompositeCheckpointHandler(
-                        composite_options=ocp.CompositeOptions(**atomicity),
-                        **handle.item_handlers(),
-                    ),
-                    **atomicity,
-                )
-                try:
-                    checkpointer.save(path, args=args)
-                finally:
-                    checkpointer.close()
+                _orbax.write_unversioned(path, args, handle.item_handlers())
             else:
                 if backup is not None or manager.all_steps() != _layout.committed_steps(
                     handle.path
                 ):
                     manager.reload()  # the disk changed: Orbax retains what is there
-                metrics = _retention.metrics(self.options, metadata)
+                metrics = _orbax.metrics(self.options, metadata)
                 manager.save(step, args=args, force=True, metrics=metrics)
                 manager.wait_until_finished()
         except BaseException:
@@ -626,7 +608,7 @@ class OrbaxCheckpointHandler:
             raise TypeError("should_save needs an int step >= 0, got None.")
         path = _validate.directory(directory)
         pending = self.pending_steps(path)
-        if not _retention.on_interval(self.options, step, saving=bool(pending)):
+        if not _orbax.on_interval(self.options, step, saving=bool(pending)):
             return False  # decided without listing the directory
         self._raise_errors()
         return not (any(s >= step for s in pending) or _steps.committed_above(path, step - 1))

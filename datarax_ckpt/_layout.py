@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _s3, _safeio
+from datarax_ckpt import _orbax, _s3, _safeio
 from datarax_ckpt._errors import CheckpointError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -24,14 +24,15 @@ BACKUP_SUFFIX = ".datarax-backup"
 # Retention moves a step here with one atomic rename before deleting it, so a process
 # killed mid-deletion never leaves a half-deleted ckpt-<step>/ that would be listed.
 TRASH = ".datarax-trash"
-_STEP_RE = re.compile(r"^ckpt-(0|[1-9]\d*)$")
+STEP_RE = re.compile(r"^ckpt-(0|[1-9]\d*)$")
 _TMP = ".orbax-checkpoint-tmp"  # in the names of Orbax's temporary folders
 _BACKUP_RE = re.compile(rf"^(ckpt-(?:0|[1-9]\d*)|{UNVERSIONED}){re.escape(BACKUP_SUFFIX)}$")
 
-ITEM_STATE = "state"
-ITEM_MANIFEST = "manifest"
-ITEM_METADATA = "metadata"
-ITEM_CHECKSUMS = "checksums"  # content checksums, see _integrity.py
+# The Orbax items of a step: named in _orbax, which builds their handlers.
+ITEM_STATE = _orbax.ITEM_STATE
+ITEM_MANIFEST = _orbax.ITEM_MANIFEST
+ITEM_METADATA = _orbax.ITEM_METADATA
+ITEM_CHECKSUMS = _orbax.ITEM_CHECKSUMS
 
 
 def step_name(step: int | None) -> str:
@@ -59,7 +60,7 @@ class CkptNameFormat(ocp.step.NameFormat):
         return step_name(step)
 
     def _metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
-        match = _STEP_RE.match(path.name)
+        match = STEP_RE.match(path.name)
         if match is None or not is_committed(path):
             return None
         return ocp.step.Metadata(step=int(match.group(1)), path=path)
@@ -74,7 +75,7 @@ class CkptNameFormat(ocp.step.NameFormat):
         base = epath.Path(base_path)
         if not base.is_dir():
             return iter([])
-        candidates = [p for p in base.iterdir() if _STEP_RE.match(p.name)]
+        candidates = [p for p in base.iterdir() if STEP_RE.match(p.name)]
         return ocp.step.build_step_metadatas(candidates, self._orbax_metadata)
 
     def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
@@ -100,15 +101,7 @@ def step_metadata_error(step: epath.Path) -> str | None:
         data = _safeio.read_json(step / "_CHECKPOINT_METADATA", _safeio.LISTED_BYTES)
     except (OSError, ValueError):
         return None  # missing or not JSON: Orbax logs it and lists the step anyway
-    try:
-        from orbax.checkpoint._src.metadata import step_metadata_serialization as orbax_step
-    except ImportError:  # pragma: no cover - another Orbax layout: no check
-        return None
-    try:
-        orbax_step.InternalCheckpointMetadata.deserialize(data)
-    except Exception as e:  # noqa: BLE001 - any error Orbax's listing would raise
-        return f"Orbax cannot read it: {str(e)[:200]}"
-    return None
+    return _orbax.step_metadata_error(data)
 
 
 def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
@@ -131,7 +124,7 @@ def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
         backups: dict[int, epath.Path] = {}
         moved = False
         for child in directory.iterdir():
-            if match := _STEP_RE.match(child.name):
+            if match := STEP_RE.match(child.name):
                 found, step = steps, int(match.group(1))
             elif (match := _BACKUP_RE.match(child.name)) and match.group(1) != UNVERSIONED:
                 # A link named like a backup is not ours (clear_impostor): never read it.
@@ -282,7 +275,7 @@ def remove_unmarked(directory: epath.Path) -> None:
         return
     for child in directory.iterdir():
         name = child.name
-        if (_STEP_RE.match(name) or name == UNVERSIONED) and not is_committed(child):
+        if (STEP_RE.match(name) or name == UNVERSIONED) and not is_committed(child):
             logger.info("Removing %s: a save or deletion that did not finish.", child)
             _s3.delete_step(child)
 

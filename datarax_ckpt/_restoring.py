@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
@@ -17,6 +16,7 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _manifest,
+    _orbax,
     _s3,
     _snapshot,
     _structure,
@@ -210,19 +210,12 @@ def _read_checked(handle, path, target, metadata_only, structure, partial) -> An
     if metadata_only:
         _integrity.check_json_item(structure, _layout.ITEM_METADATA, structure.metadata)
         return structure.metadata
-    # Through a plain Checkpointer, never the directory's CheckpointManager: creating a
-    # manager cleans up the directory, which only its writer may do (_writer_lock).
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handle.item_handlers()))
-    try:
-        return _read_through(checkpointer, path, target, metadata_only, structure, partial)
-    finally:
-        checkpointer.close()
+    # Through a plain Checkpointer, never the directory's CheckpointManager (_orbax.reader).
+    with _orbax.reader(path, handle.item_handlers()) as read:
+        return _read_through(read, target, structure, partial)
 
 
-def _read_through(checkpointer, path, target, metadata_only, structure, partial) -> Any:
-    def read(**items):
-        return checkpointer.restore(path, args=ocp.args.Composite(**items))
-
+def _read_through(read, target, structure, partial) -> Any:
     plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
     loaded = _integrity.load_verified(read, plan.storage, structure.checked.raw, structure)

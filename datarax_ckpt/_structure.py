@@ -180,7 +180,7 @@ def corrupted(path: epath.Path, problems: list[Problem]) -> CheckpointCorruptedE
 
 def _step_of(path: epath.Path) -> int | None:
     name = path.name
-    return int(name[len(_layout.STEP_PREFIX) :]) if _layout._STEP_RE.match(name) else None
+    return int(name[len(_layout.STEP_PREFIX) :]) if _layout.STEP_RE.match(name) else None
 
 
 # --------------------------------------------------------------------------- structure

@@ -127,7 +127,7 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
         name = child.name
         if not child.is_dir():
             continue
-        match = _layout._STEP_RE.match(name)
+        match = _layout.STEP_RE.match(name)
         if match:
             steps.append((name, int(match.group(1)), child))
         elif name == _layout.UNVERSIONED:
@@ -154,7 +154,7 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
             for child in sorted(directory.iterdir())
             if child.is_dir()
             and any(
-                _layout._STEP_RE.match(c.name) or c.name == _layout.UNVERSIONED
+                _layout.STEP_RE.match(c.name) or c.name == _layout.UNVERSIONED
                 for c in child.iterdir()
                 if c.is_dir()
             )
