@@ -38,17 +38,17 @@ from datarax_ckpt import _hostcopy, _layout, _orbax, _safeio
 from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._manifest import slot_paths, stored_arrays
 from datarax_ckpt._structure import (
-    _JSON_FILE,
+    JSON_FILE,
     UNAVAILABLE,
     Problem,
     Structure,
     VerifyReport,
-    _first_line,
-    _step_of,
-    _stored_keys,
     corrupted,
+    first_line,
     inspect,
     is_storage_error,
+    step_of,
+    stored_keys_of,
 )
 
 ALGORITHM = "xxh3_64"
@@ -178,7 +178,7 @@ def reading(structure: Structure) -> Iterator[None]:
     except Exception as e:
         if not is_storage_error(e):
             raise
-        message = _first_line(e)
+        message = first_line(e)
         key = _key_named(f"{e}\n{message}", structure)
         file = structure.file_of(key) if key else None
         problem = Problem(
@@ -193,7 +193,7 @@ def reading(structure: Structure) -> Iterator[None]:
 
 def _key_named(text: str, structure: Structure) -> str | None:
     """The stored array an Orbax/TensorStore message is about (``"a0/0"``, ``.../a0/0``)."""
-    keys = _stored_keys(structure.manifest) if structure.manifest is not None else []
+    keys = stored_keys_of(structure.manifest) if structure.manifest is not None else []
     for key in sorted(keys, key=len, reverse=True):
         if re.search(rf'(^|["/]){re.escape(key)}/', text):
             return key
@@ -235,7 +235,7 @@ def _json_problem(structure: Structure, item: str, value: Any) -> Problem | None
     return Problem(
         "checksum_mismatch",
         f"content checksum mismatch of the {item} item (tree, Python scalars or metadata)",
-        f"{item}/{_JSON_FILE}",
+        f"{item}/{JSON_FILE}",
     )
 
 
@@ -367,7 +367,7 @@ def verify(
     problems = list(structure.problems)
     notes = tuple(structure.notes)
     recorded = structure.checksums is not None
-    step = _step_of(path)
+    step = step_of(path)
     if not full or not path.is_dir():
         return VerifyReport(str(path), step, tuple(problems), recorded, full=False, notes=notes)
     skip = {p.file for p in problems if p.file}  # already found damaged: not read again
@@ -419,7 +419,7 @@ def _read_arrays(read, keys, arrays, structure) -> Iterator[tuple[str, Any]]:
             key,
             Problem(
                 "unreadable_array",
-                f"Orbax could not read it: {_first_line(e)}",
+                f"Orbax could not read it: {first_line(e)}",
                 structure.file_of(key) or _layout.ITEM_STATE,
                 key,
                 structure.leaves(key),

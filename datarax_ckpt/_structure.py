@@ -23,7 +23,7 @@ COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed st
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 # Key of a checksums item whose checksums could not be computed at save time (the reason).
 UNAVAILABLE = "unavailable"
-_JSON_FILE = "metadata"  # the file name Orbax's JsonCheckpointHandler writes in its item folder
+JSON_FILE = "metadata"  # the file name Orbax's JsonCheckpointHandler writes in its item folder
 _JSON_ITEMS = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
 
 _STORAGE_ERROR = re.compile(
@@ -34,7 +34,7 @@ _STORAGE_ERROR = re.compile(
 )
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The most specific message in an exception chain (TensorStore's own, if any)."""
     chain, seen = [], set()
     current: BaseException | None = error
@@ -174,11 +174,11 @@ def _describe(path: str, problems: tuple[Problem, ...] | list[Problem]) -> str:
 
 def corrupted(path: epath.Path, problems: list[Problem]) -> CheckpointCorruptedError:
     """The error for ``problems`` found in the checkpoint folder ``path``."""
-    report = VerifyReport(path=str(path), step=_step_of(path), problems=tuple(problems), full=False)
+    report = VerifyReport(path=str(path), step=step_of(path), problems=tuple(problems), full=False)
     return CheckpointCorruptedError(_describe(str(path), problems), report=report)
 
 
-def _step_of(path: epath.Path) -> int | None:
+def step_of(path: epath.Path) -> int | None:
     name = path.name
     return int(name[len(_layout.STEP_PREFIX) :]) if _layout.STEP_RE.match(name) else None
 
@@ -284,7 +284,7 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
     # Our item folders count even where Orbax's record of them was damaged.
     structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if i in structure.scan.dirs}
     for item in sorted(structure.items & set(_JSON_ITEMS)):
-        file = f"{item}/{_JSON_FILE}"
+        file = f"{item}/{JSON_FILE}"
         try:
             setattr(structure, item, _read_json(structure, file))
         except _safeio.UnsafeEntryError:
@@ -310,8 +310,8 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
     return structure
 
 
-_CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/{_JSON_FILE}"
-_MANIFEST_FILE = f"{_layout.ITEM_MANIFEST}/{_JSON_FILE}"
+_CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/{JSON_FILE}"
+_MANIFEST_FILE = f"{_layout.ITEM_MANIFEST}/{JSON_FILE}"
 
 
 def _check_manifest(structure: Structure, arrays: bool) -> None:
@@ -371,7 +371,7 @@ def _check_manifest(structure: Structure, arrays: bool) -> None:
         structure.problems.append(Problem(e.kind, str(e), _MANIFEST_FILE, e.key, leaves))
 
 
-def _stored_keys(manifest: dict) -> list[str]:
+def stored_keys_of(manifest: dict) -> list[str]:
     try:
         return list(stored_arrays(manifest))
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -465,12 +465,12 @@ def _inspect_ocdbt(structure: Structure, state: epath.Path) -> None:
         return
     except Exception as e:  # noqa: BLE001 - classified below
         if not is_storage_error(e):  # e.g. a filesystem TensorStore cannot list: no verdict
-            structure.notes.append(f"data files not listed: {_first_line(e)}")
+            structure.notes.append(f"data files not listed: {first_line(e)}")
             return
         problems.append(
             Problem(
                 "unreadable_file",
-                f"the OCDBT index cannot be read: {_first_line(e)}",
+                f"the OCDBT index cannot be read: {first_line(e)}",
                 f"{_layout.ITEM_STATE}/manifest.ocdbt",
             )
         )

@@ -107,21 +107,21 @@ def _options(
 # --------------------------------------------------------------------------- helpers
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
-def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
+def list_folders(directory: Path) -> list[tuple[str, int | None, Path]]:
     """``(label, step, folder)`` of every checkpoint folder, steps ascending, then others."""
     if not directory.exists():
-        raise _fail(f"{directory} does not exist.")
+        raise fail(f"{directory} does not exist.")
     if not directory.is_dir():
-        raise _fail(f"{directory} is a file, not a checkpoint directory.")
+        raise fail(f"{directory} is a file, not a checkpoint directory.")
     try:
         _safeio.check_utf8(directory.absolute())
     except CheckpointPathError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     steps, others = [], []
     for child in directory.iterdir():
         name = child.name
@@ -143,7 +143,7 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
         if raw:
             what = "checkpoint folder" if raw[0][0] is None else "checkpoint directory"
             steps = ", ".join(str(s) for s, _ in raw[:8] if s is not None)
-            raise _fail(
+            raise fail(
                 f"{directory} is a raw Orbax {what}{f' (steps {steps})' if steps else ''}, "
                 f"not a datarax_ckpt one. Bring it in with "
                 f"`datarax-ckpt import {directory} NEW_DIR`."
@@ -167,22 +167,22 @@ def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
         elif inner:
             names = ", ".join(str(c) for c in inner[:5])
             hint = f" These subfolders hold checkpoints: {names}."
-        raise _fail(
+        raise fail(
             f"{directory} is not a datarax_ckpt checkpoint directory: it holds no "
             f"ckpt-<step>/ folder and no {_layout.UNVERSIONED}/ folder.{hint}"
         )
     return sorted(steps, key=lambda e: e[1]) + sorted(others, key=lambda e: e[0])
 
 
-def _pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
+def pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
     """The folder ``show``/``verify`` work on: ``--step N``, else the latest step."""
-    folders = _folders(directory)
+    folders = list_folders(directory)
     steps = [e for e in folders if e[1] is not None]
     if step is not None:
         for entry in steps:
             if entry[1] == step:
                 return entry
-        raise _fail(
+        raise fail(
             f"{directory} has no step {step}. Steps: {[e[1] for e in steps] or 'none'} "
             "(see `datarax-ckpt ls`)."
         )
@@ -191,7 +191,7 @@ def _pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
     unversioned = [e for e in folders if e[0] == _layout.UNVERSIONED]
     if unversioned:
         return unversioned[0]
-    raise _fail(f"{directory} holds only unfinished saves; see `datarax-ckpt ls {directory}`.")
+    raise fail(f"{directory} holds only unfinished saves; see `datarax-ckpt ls {directory}`.")
 
 
 def _size(folder: Path) -> int:
@@ -289,7 +289,7 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
     writer = _writer_lock.holder(directory)
     writer = writer if _writer_lock.is_alive(writer) else None
     rows = []
-    for label, step, folder in _folders(directory):
+    for label, step, folder in list_folders(directory):
         try:
             row = _ls_row(label, step, folder, writer)
         except OSError:
@@ -338,7 +338,7 @@ def show(
     Small leaves that were packed into one buffer on disk are still listed one by one;
     the `stored` column says where each leaf's bytes live.
     """
-    label, step, folder = _pick(directory, step)
+    label, step, folder = pick(directory, step)
     structure = _structure.inspect(folder)
     if structure.checked is None:  # missing, not ours, newer, or failed validation
         problems = "; ".join(str(p) for p in structure.problems)
@@ -347,7 +347,7 @@ def show(
                 _manifest.check_format(structure.manifest, str(folder))
             except CheckpointError as e:
                 problems = str(e).rstrip(".")
-        raise _fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
+        raise fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
     leaves = _structure.leaf_table(structure.checked)
     plain, rich = _status(structure, label)
     if as_json:
@@ -434,11 +434,11 @@ def verify(
     only when everything checked is intact.
     """
     if all_ and step is not None:
-        raise _fail("Pass either --step N or --all, not both.")
+        raise fail("Pass either --step N or --all, not both.")
     if all_:
-        targets = [e for e in _folders(directory) if ".orbax-checkpoint-tmp" not in e[0]]
+        targets = [e for e in list_folders(directory) if ".orbax-checkpoint-tmp" not in e[0]]
     else:
-        targets = [_pick(directory, step)]
+        targets = [pick(directory, step)]
     reports = [_integrity.verify(folder) for _, _, folder in targets]
     if as_json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
@@ -486,14 +486,14 @@ def rm(
     no exits with status 3 and deletes nothing.
     """
     if (step is None) == (not unversioned):
-        raise _fail("Pass either --step N or --unversioned (for checkpoint/).")
+        raise fail("Pass either --step N or --unversioned (for checkpoint/).")
     if unversioned:
         label, folder = _layout.UNVERSIONED, directory / _layout.UNVERSIONED
         if not folder.is_dir():
-            _folders(directory)  # explains a directory that is not a checkpoint directory
-            raise _fail(f"{directory} has no {_layout.UNVERSIONED}/ folder.")
+            list_folders(directory)  # explains a directory that is not a checkpoint directory
+            raise fail(f"{directory} has no {_layout.UNVERSIONED}/ folder.")
     else:
-        label, _, folder = _pick(directory, step)
+        label, _, folder = pick(directory, step)
     if not yes and not _confirm(f"Delete {folder} ({_human(_size(folder))})?"):
         err.print("Cancelled; nothing deleted.")
         raise typer.Exit(EXIT_CANCELLED)
@@ -532,7 +532,7 @@ def demo(ctx: typer.Context) -> None:
     except ModuleNotFoundError as e:
         if e.name != "datarax_ckpt.demo":
             raise
-        raise _fail("This installation has no datarax_ckpt.demo module.") from e
+        raise fail("This installation has no datarax_ckpt.demo module.") from e
     args = ["--help" if a == "--help-demo" else a for a in ctx.args]
     code = demo_module.main(args)
     raise typer.Exit(code if isinstance(code, int) else 0)
@@ -564,18 +564,18 @@ def bench(
         try:
             import benchmarks
         except ModuleNotFoundError:
-            raise _fail(
+            raise fail(
                 "The benchmarks package is not importable: it lives in the source checkout "
                 "(benchmarks/ beside pyproject.toml), not in the installed package. Run this "
                 "from the repository root after `pip install -e .`."
             ) from e
     if not hasattr(benchmarks, "run"):
-        raise _fail("benchmarks.run is missing: this checkout's benchmarks/ is incomplete.")
+        raise fail("benchmarks.run is missing: this checkout's benchmarks/ is incomplete.")
     checkout = Path(benchmarks.__file__).resolve().parent.parent
     if not config.is_file() and not config.is_absolute() and (checkout / config).is_file():
         config = checkout / config  # a relative config of the checkout, run from elsewhere
     if not config.is_file():
-        raise _fail(
+        raise fail(
             f"Benchmark config {config} does not exist. The configs live in configs/bench/ of "
             "the source checkout, e.g. `datarax-ckpt bench configs/bench/cpu-smoke.toml`."
         )
@@ -585,10 +585,10 @@ def bench(
     try:
         benchmarks.run(config, out_dir)
     except FileNotFoundError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     except Exception as e:
         if type(e).__name__ == "ConfigError":
-            raise _fail(str(e)) from e
+            raise fail(str(e)) from e
         raise
     out.print(f"Results in {escape(str(out_dir))}/results.md")
 
