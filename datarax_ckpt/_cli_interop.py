@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from datarax_ckpt import _interop
+from datarax_ckpt._cli_common import EXIT_DAMAGED, DirArg, app, fail, list_folders, out, pick
 from datarax_ckpt._errors import CheckpointCorruptedError
-from datarax_ckpt.cli import EXIT_DAMAGED, DirArg, app, fail, list_folders, out, pick
 
 
 @app.command("export")

@@ -135,6 +135,27 @@ class Directory:
             )
         return self._manager
 
+    def make_room(self, nbytes: int, lock: Any) -> bool:
+        """Applies the backpressure policy for a save of ``nbytes``; returns False if the
+        save must be skipped (``lock``: the handler's, which guards :attr:`pending`)."""
+        opts = self.options
+
+        def oldest_if_full() -> Pending | None:
+            with lock:
+                pending = [p for p in self.pending if not p.future.done()]
+            held = sum(p.nbytes for p in pending)
+            limit = opts.max_pending_bytes
+            over = len(pending) >= opts.max_pending_saves or (
+                limit is not None and held + nbytes > limit
+            )
+            return pending[0] if pending and over else None
+
+        while (oldest := oldest_if_full()) is not None:
+            if opts.on_backpressure == "skip":
+                return False
+            concurrent.futures.wait([oldest.future])
+        return True
+
     def run(self, fn, *args) -> concurrent.futures.Future:
         return ORBAX_LOCK.submit(self.worker, fn, *args)
 

@@ -37,19 +37,15 @@ from etils import epath
 from datarax_ckpt import _hostcopy, _layout, _orbax, _safeio
 from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._manifest import slot_paths, stored_arrays
-from datarax_ckpt._structure import (
-    JSON_FILE,
-    UNAVAILABLE,
+from datarax_ckpt._report import (
     Problem,
-    Structure,
     VerifyReport,
     corrupted,
     first_line,
-    inspect,
     is_storage_error,
     step_of,
-    stored_keys_of,
 )
+from datarax_ckpt._structure import JSON_FILE, UNAVAILABLE, Structure, inspect, stored_keys_of
 
 ALGORITHM = "xxh3_64"
 CHECKSUMS_VERSION = 1

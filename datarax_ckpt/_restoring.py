@@ -17,6 +17,7 @@ from datarax_ckpt import (
     _layout,
     _manifest,
     _orbax,
+    _report,
     _s3,
     _snapshot,
     _structure,
@@ -194,7 +195,7 @@ def _read_items(handle, path, target, metadata_only, verify=False, partial=False
     # entry of the folder, every JSON item read with a size limit), before allocating.
     structure = _structure.inspect(path, arrays=not metadata_only)
     if structure.problems:
-        raise _structure.corrupted(path, structure.problems)
+        raise _report.corrupted(path, structure.problems)
     if structure.checked is None:  # not ours, or a newer format version
         _manifest.check_format(structure.manifest, str(path))
     if not verify:
@@ -225,7 +226,7 @@ def _read_through(read, target, structure, partial) -> Any:
 # ------------------------------------------------------------------ verifying
 
 
-def verify(handle: _directory.Directory, step: int | None) -> _structure.VerifyReport:
+def verify(handle: _directory.Directory, step: int | None) -> _report.VerifyReport:
     """The body of ``OrbaxCheckpointHandler.verify``, run on the directory's worker.
 
     A step deleted by a writer while it is checked is not reported as damaged: with
