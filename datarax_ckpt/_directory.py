@@ -126,13 +126,7 @@ class Directory:
                 if _s3.is_s3(self.path) and self.options.cleanup_tmp_directories:
                     _layout.remove_unmarked(self.path)
             self.coordinator.barrier("recovered")  # the others wait for process 0's repairs
-            self._manager = _orbax.create_manager(
-                self.path,
-                self.options,
-                self.keep,
-                name_format=_layout.NAME_FORMAT,
-                trash=_layout.TRASH,
-            )
+            self._manager = _orbax.create_manager(self.path, self.options, self.keep)
         return self._manager
 
     def make_room(self, nbytes: int, lock: Any) -> bool:

@@ -1,9 +1,9 @@
 """Orbax, in one place: item handlers, the checksums plug-in, one read path, one write
 path, the ``CheckpointManager`` and its policy objects, and the ``s3://`` spec builder.
 
-Every other module asks this one (besides ``_layout``, whose ``CkptNameFormat`` subclasses
-Orbax's public ``NameFormat``). Three private Orbax names are used, here only, each
-because Orbax offers no public hook for it:
+Every other module asks this one (besides ``_layout``, which asks Orbax's public
+``step.is_path_finalized`` whether a folder is committed). Three private Orbax names are
+used, here only, each because Orbax offers no public hook for it:
 
 * ``orbax.checkpoint._src.serialization.tensorstore_utils``: the function Orbax's own
   ``NumpyHandler`` builds its read spec with (for reads into aligned buffers, below) and
@@ -47,7 +47,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -55,8 +55,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from datarax_ckpt import _s3
-from datarax_ckpt._snapshot import StoredSpec, aligned_empty
+from datarax_ckpt import _hostcopy, _layout, _s3, _safeio
+from datarax_ckpt._layout import ITEM_CHECKSUMS, ITEM_MANIFEST, ITEM_METADATA, ITEM_STATE
 from datarax_ckpt.options import CheckpointOptions
 
 try:  # the function Orbax's own NumpyHandler builds its read spec with
@@ -64,14 +64,11 @@ try:  # the function Orbax's own NumpyHandler builds its read spec with
 except ImportError:  # pragma: no cover - a future Orbax layout: plain reads, then a copy
     _ts_utils = None
 
+if TYPE_CHECKING:
+    from datarax_ckpt._snapshot import StoredSpec
+
 logger = logging.getLogger("datarax_ckpt")
 _policies = ocp.checkpoint_managers
-
-# The Orbax items of a step (a CompositeCheckpointHandler's item names).
-ITEM_STATE = "state"
-ITEM_MANIFEST = "manifest"
-ITEM_METADATA = "metadata"
-ITEM_CHECKSUMS = "checksums"  # content checksums, see _integrity.py
 
 
 # --------------------------------------------------------------------------- reads
@@ -127,7 +124,8 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
             opened.append(ts.open(ts.Spec(spec.json), open=True, context=info.ts_context))
         stores = await _gather_all(opened)
         outs = [
-            aligned_empty(math.prod(t.shape), t.dtype.numpy_dtype).reshape(t.shape) for t in stores
+            _hostcopy.aligned_empty(math.prod(t.shape), t.dtype.numpy_dtype).reshape(t.shape)
+            for t in stores
         ]
         callback = _on_read.get()
 
@@ -499,9 +497,6 @@ def create_manager(
     path: epath.Path,
     options: CheckpointOptions,
     keep: int | None,
-    *,
-    name_format: Any,
-    trash: str,
 ) -> ocp.CheckpointManager:
     """The ``CheckpointManager`` of a directory for saves with ``keep`` (see ``_directory``)."""
     s3 = _s3.is_s3(path)
@@ -510,7 +505,7 @@ def create_manager(
     manager = ocp.CheckpointManager(
         path,
         options=ocp.CheckpointManagerOptions(
-            step_name_format=name_format,
+            step_name_format=NAME_FORMAT,
             **manager_options(options, keep),
             create=False,
             # On s3:// Orbax's cleanup deletes every unmarked folder; _layout's only the
@@ -518,7 +513,7 @@ def create_manager(
             cleanup_tmp_directories=cleanup and not s3,
             enable_async_checkpointing=True,
             # Atomic removal (see _layout.TRASH); object stores cannot rename.
-            todelete_subdir=None if s3 else trash,
+            todelete_subdir=None if s3 else _layout.TRASH,
             atomicity_options=atomicity(path).get("atomicity_options"),
             # Create the step's tmp folder on this worker thread, before any write
             # is scheduled: created asynchronously, a failure (read-only or full
@@ -605,10 +600,55 @@ def _use_marker_first_deleter(manager: ocp.CheckpointManager, directory: epath.P
 # --------------------------------------------------------------------------- listing
 
 
-def step_metadata_error(data: Any) -> str | None:
-    """Why Orbax's manager would fail to list a step whose ``_CHECKPOINT_METADATA`` holds
-    ``data`` (a JSON value of the wrong type raises ``ValueError`` for every step of the
-    directory), or None."""
+@dataclasses.dataclass(frozen=True)
+class CkptNameFormat(ocp.step.NameFormat):
+    """Orbax ``NameFormat`` naming steps ``ckpt-<step>`` (uncommitted folders ignored)."""
+
+    def build_name(self, step: int) -> str:
+        return _layout.step_name(step)
+
+    def _metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
+        match = _layout.STEP_RE.match(path.name)
+        if match is None or not _layout.is_committed(path):
+            return None
+        return ocp.step.Metadata(step=int(match.group(1)), path=path)
+
+    def _orbax_metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
+        # Orbax reads each listed step's metadata and metrics files: a step where that
+        # would block, exhaust memory or raise is left out of its view (restore and
+        # verify report it).
+        return self._metadata(path) if step_metadata_error(path) is None else None
+
+    def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.step.Metadata]:
+        base = epath.Path(base_path)
+        if not base.is_dir():
+            return iter([])
+        candidates = [p for p in base.iterdir() if _layout.STEP_RE.match(p.name)]
+        return ocp.step.build_step_metadatas(candidates, self._orbax_metadata)
+
+    def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
+        metadata = self._metadata(epath.Path(base_path) / self.build_name(step))
+        if metadata is None:
+            raise ValueError(f"No committed {self.build_name(step)} under {base_path}.")
+        return metadata
+
+
+NAME_FORMAT = CkptNameFormat()
+
+
+def step_metadata_error(step: epath.Path) -> str | None:
+    """Why Orbax's CheckpointManager could not list ``step``, or None if it can.
+
+    It reads every listed step's ``_CHECKPOINT_METADATA`` when it starts and on each
+    reload: a FIFO there would block it, a huge file exhaust memory, and a JSON value of
+    the wrong type raise ``ValueError`` for every step of the directory.
+    """
+    if not _safeio.safe_to_list(step):
+        return "a step folder or metadata file that is a link, FIFO, device or too large"
+    try:
+        data = _safeio.read_json(step / "_CHECKPOINT_METADATA", _safeio.LISTED_BYTES)
+    except (OSError, ValueError):
+        return None  # missing or not JSON: Orbax logs it and lists the step anyway
     try:
         from orbax.checkpoint._src.metadata import step_metadata_serialization as orbax_step
     except ImportError:  # pragma: no cover - another Orbax layout: no check

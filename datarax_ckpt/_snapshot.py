@@ -82,7 +82,7 @@ class ArenaPool:
             for i, arena in enumerate(self._free):
                 if arena.nbytes == nbytes:
                     return self._free.pop(i)
-        return aligned_empty(nbytes, np.uint8)
+        return _hostcopy.aligned_empty(nbytes, np.uint8)
 
     def give(self, arena: np.ndarray | None) -> None:
         if arena is None or arena.nbytes == 0:
@@ -244,7 +244,7 @@ class _Capture:
         )
         arena_bytes += sum(_round_up(self.slots[i].value.nbytes) for i in self.np_large)
         arena = (
-            (pool.take(arena_bytes) if pool else aligned_empty(arena_bytes, np.uint8))
+            (pool.take(arena_bytes) if pool else _hostcopy.aligned_empty(arena_bytes, np.uint8))
             if (arena_bytes)
             else None
         )
@@ -321,14 +321,6 @@ def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
         and next(iter(devices)).platform == "cpu"
         and sharding.is_fully_addressable
     )
-
-
-def aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
-    """A 1-D array whose data is ``align``-byte aligned (XLA wraps those without a copy)."""
-    dtype = np.dtype(dtype)
-    raw = np.empty(size * dtype.itemsize + align, np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start : start + size * dtype.itemsize].view(dtype)
 
 
 def default_device() -> jax.Device:

@@ -13,7 +13,7 @@ from typing import Any
 
 from etils import epath
 
-from datarax_ckpt import _layout, _manifest, _s3, _safeio
+from datarax_ckpt import _layout, _manifest, _orbax, _s3, _safeio
 from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._manifest import leaf_table as leaf_table  # for the CLI and tests
 from datarax_ckpt._manifest import leaves_by_key, stored_arrays
@@ -82,11 +82,23 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
         problems.append(Problem("missing_file", "the checkpoint folder does not exist", "."))
         return Structure(path, problems, set())
     structure = Structure(path, problems, set())
+    if not _check_entries(structure):
+        return structure
+    _read_items(structure)
+    _check_manifest(structure, arrays)
+    if arrays and structure.checked is not None and structure.checked.stored:
+        _inspect_state(structure)
+    return structure
+
+
+def _check_entries(structure: Structure) -> bool:
+    """Scans the folder (unsafe entries, commit marker); False if nothing more can be read."""
+    path, problems = structure.path, structure.problems
     try:
         structure.scan = _safeio.scan(path)
     except OSError as e:
         problems.append(Problem("unreadable_file", f"cannot be listed: {e}", "."))
-        return structure
+        return False
     for rel, what in sorted(structure.scan.unsafe.items()):
         problems.append(
             Problem(
@@ -96,7 +108,7 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
             )
         )
     if "." in structure.scan.unsafe:
-        return structure
+        return False
     if ".orbax-checkpoint-tmp" in path.name or not _layout.is_committed(path):
         problems.append(Problem("not_committed", "a temporary folder of an unfinished save", "."))
     elif COMMIT_MARKER not in structure.scan.files and COMMIT_MARKER not in structure.scan.unsafe:
@@ -108,11 +120,17 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
                 COMMIT_MARKER,
             )
         )
+    return True
+
+
+def _read_items(structure: Structure) -> None:
+    """Reads Orbax's step metadata and the JSON items (manifest, metadata, checksums)."""
+    path, problems = structure.path, structure.problems
     try:
         structure.checkpoint_metadata = _read_json(structure, CHECKPOINT_METADATA)
         handlers = structure.checkpoint_metadata.get("item_handlers") or {}
         structure.items = set(handlers) if isinstance(handlers, dict) else set()
-        if (reason := _layout.step_metadata_error(path)) is not None:
+        if (reason := _orbax.step_metadata_error(path)) is not None:
             problems.append(Problem("unreadable_file", reason, CHECKPOINT_METADATA))
     except _safeio.UnsafeEntryError:
         pass  # reported by the scan
@@ -147,10 +165,6 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
             Problem("unreadable_file", "the checksums item is not a JSON object", _CHECKSUMS_FILE)
         )
         structure.checksums = None
-    _check_manifest(structure, arrays)
-    if arrays and structure.checked is not None and structure.checked.stored:
-        _inspect_state(structure)
-    return structure
 
 
 _CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/{JSON_FILE}"

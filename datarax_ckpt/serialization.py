@@ -109,6 +109,27 @@ class _Encoder:
     def _encode_plain(self, x: Any, path: str) -> dict:
         if x is None:
             return {"t": "none"}
+        if isinstance(x, jax.core.Tracer | jax.Array | np.ndarray | np.generic):
+            return self._encode_array(x, path)
+        if type(x) in _kinds.SCALARS:
+            node = {"t": _kinds.SCALARS[type(x)], "v": x}
+            if x != x:  # NaN: JSON keeps neither its sign nor its payload; "x" keeps both
+                node["x"] = _kinds.float_bits(x)
+            return node
+        if type(x) is complex:
+            node = {"t": "complex", "v": [x.real, x.imag]}
+            if x != x:
+                node["x"] = [_kinds.float_bits(x.real), _kinds.float_bits(x.imag)]
+            return node
+        if type(x) is str:
+            data = np.frombuffer(x.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+            return {"t": "str", "s": self._slot(data, path)}
+        if type(x) is bytes:
+            return {"t": "bytes", "s": self._slot(np.frombuffer(x, dtype=np.uint8), path)}
+        return self._encode_container(x, path)
+
+    def _encode_array(self, x: Any, path: str) -> dict:
+        """A tracer (refused), jax array, typed key, numpy array or numpy scalar."""
         if isinstance(x, jax.core.Tracer):
             raise TypeError(
                 f"Leaf {_kinds.where(path)} is a JAX tracer ({type(x).__name__}): a state cannot "
@@ -132,23 +153,10 @@ class _Encoder:
                     "stored exactly. Convert it to a numeric dtype, or to a list of str."
                 )
             return {"t": "array", "lib": "numpy", "s": self._slot(x, path)}
-        if isinstance(x, np.generic):
-            return {"t": "array", "lib": "npscalar", "s": self._slot(np.asarray(x), path)}
-        if type(x) in _kinds.SCALARS:
-            node = {"t": _kinds.SCALARS[type(x)], "v": x}
-            if x != x:  # NaN: JSON keeps neither its sign nor its payload; "x" keeps both
-                node["x"] = _kinds.float_bits(x)
-            return node
-        if type(x) is complex:
-            node = {"t": "complex", "v": [x.real, x.imag]}
-            if x != x:
-                node["x"] = [_kinds.float_bits(x.real), _kinds.float_bits(x.imag)]
-            return node
-        if type(x) is str:
-            data = np.frombuffer(x.encode("utf-8", "surrogatepass"), dtype=np.uint8)
-            return {"t": "str", "s": self._slot(data, path)}
-        if type(x) is bytes:
-            return {"t": "bytes", "s": self._slot(np.frombuffer(x, dtype=np.uint8), path)}
+        return {"t": "array", "lib": "npscalar", "s": self._slot(np.asarray(x), path)}  # np.generic
+
+    def _encode_container(self, x: Any, path: str) -> dict:
+        """A dict, list, tuple or registered pytree node; a function leaf; or an error."""
         if type(x) is dict:
             keys, children = [], []
             for key, value in x.items():
