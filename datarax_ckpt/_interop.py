@@ -75,7 +75,8 @@ def export_orbax(
 
     Example:
         >>> import tempfile, jax.numpy as jnp
-        >>>         >>> from datarax_ckpt import OrbaxCheckpointHandler, export_orbax
+        >>> import orbax.checkpoint as ocp
+        >>> from datarax_ckpt import OrbaxCheckpointHandler, export_orbax
         >>> src, out = tempfile.mkdtemp(), tempfile.mkdtemp() + "/exported"
         >>> with OrbaxCheckpointHandler() as handler:
         ...     _ = handler.save(src, {"w": jnp.ones(3), "run": "a"}, step=1)

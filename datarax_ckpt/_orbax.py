@@ -425,7 +425,7 @@ def reader(path: epath.Path, handlers: Mapping[str, Any]) -> Iterator[Callable[.
     """``read_items(**{item: restore args})`` of the step folder ``path``, through a plain
     ``Checkpointer``, never the directory's ``CheckpointManager``: creating a manager
     cleans up the directory, which only its writer may do (``_writer_lock``)."""
-    prepare(path)
+    _teach_if_s3(path)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
 
     def read_items(**items: Any) -> dict:
@@ -479,7 +479,7 @@ def atomicity(path: epath.Path) -> dict[str, Any]:
 def write_unversioned(path: epath.Path, args: Any, handlers: Mapping[str, Any]) -> None:
     """Writes the unversioned ``checkpoint/`` (not a step: retention never sees it) with
     the same atomic commit as a step."""
-    prepare(path)
+    _teach_if_s3(path)
     protocol = atomicity(path)  # the commit protocol, for items too
     checkpointer = ocp.Checkpointer(
         ocp.CompositeCheckpointHandler(
@@ -500,7 +500,7 @@ def create_manager(
 ) -> ocp.CheckpointManager:
     """The ``CheckpointManager`` of a directory for saves with ``keep`` (see ``_directory``)."""
     s3 = _s3.is_s3(path)
-    prepare(path)
+    _teach_if_s3(path)
     cleanup = options.cleanup_tmp_directories
     manager = ocp.CheckpointManager(
         path,
@@ -557,10 +557,17 @@ def teach_s3_specs() -> None:
 
 
 def prepare(path: Any) -> None:
-    """Readies Orbax and the shared S3 filesystem for ``path`` (nothing unless ``s3://``)."""
+    """Readies Orbax and the shared S3 filesystem for ``path`` (nothing unless ``s3://``);
+    called when a handler first opens a directory."""
     if _s3.is_s3(path):
         teach_s3_specs()
         _s3.install()
+
+
+def _teach_if_s3(path: Any) -> None:
+    # Every Orbax entry point of this module on an s3:// path: Orbax knows s3:// first.
+    if _s3.is_s3(path):
+        teach_s3_specs()
 
 
 class MarkerFirstDeleter:
