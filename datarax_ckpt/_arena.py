@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from datarax_ckpt._snapshot import aligned_empty
+from datarax_ckpt._hostcopy import aligned_empty
 
 _ALIGN = 64
 # Smaller buffers come from malloc's warm free lists anyway: not worth a scan.

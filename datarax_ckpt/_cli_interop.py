@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from datarax_ckpt import _interop
+from datarax_ckpt._cli_common import EXIT_DAMAGED, DirArg, app, fail, list_folders, out, pick
 from datarax_ckpt._errors import CheckpointCorruptedError
-from datarax_ckpt.cli import EXIT_DAMAGED, DirArg, _fail, _folders, _pick, app, out
 
 
 @app.command("export")
@@ -35,17 +35,17 @@ def export(
     numbers, None), the impl of each PRNG key and the metadata.
     """
     if fmt not in _interop.FORMATS:
-        raise _fail(f"--format must be one of {', '.join(_interop.FORMATS)}, not {fmt!r}.")
+        raise fail(f"--format must be one of {', '.join(_interop.FORMATS)}, not {fmt!r}.")
     if step is not None:
-        _pick(directory, step)  # explains a missing step or a raw Orbax directory
+        pick(directory, step)  # explains a missing step or a raw Orbax directory
     else:
-        _folders(directory)
+        list_folders(directory)
     try:
         path = _interop.export_orbax(directory, out_dir, step=step, format=fmt)
     except CheckpointCorruptedError as e:
-        raise _fail(str(e), EXIT_DAMAGED) from e
+        raise fail(str(e), EXIT_DAMAGED) from e
     except (OSError, ValueError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     doc = json.loads((path / _interop.EXPORT_FILE).read_text())
     arrays = "model.safetensors" if fmt == "safetensors" else "plain Orbax"
     out.print(
@@ -81,7 +81,7 @@ def import_(
     try:
         steps = _interop.import_orbax(orbax_dir, directory)
     except (OSError, ValueError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     shown = ", ".join("checkpoint/" if s is None else str(s) for s in steps)
     out.print(
         f"Imported {len(steps)} checkpoint(s) ({shown}) from {escape(str(orbax_dir))} into "

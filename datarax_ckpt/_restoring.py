@@ -17,6 +17,8 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _manifest,
+    _orbax,
+    _report,
     _s3,
     _snapshot,
     _structure,
@@ -194,7 +196,7 @@ def _read_items(handle, path, target, metadata_only, verify=False, partial=False
     # entry of the folder, every JSON item read with a size limit), before allocating.
     structure = _structure.inspect(path, arrays=not metadata_only)
     if structure.problems:
-        raise _structure.corrupted(path, structure.problems)
+        raise _report.corrupted(path, structure.problems)
     if structure.checked is None:  # not ours, or a newer format version
         _manifest.check_format(structure.manifest, str(path))
     if not verify:
@@ -210,14 +212,13 @@ def _read_checked(handle, path, target, metadata_only, structure, partial) -> An
     if metadata_only:
         _integrity.check_json_item(structure, _layout.ITEM_METADATA, structure.metadata)
         return structure.metadata
-    # Through the state item's own Orbax handler, never the directory's
-    # CheckpointManager: creating a manager cleans up the directory, which only its
-    # writer may do (_writer_lock).
-    handler = handle.state_reader()
+    # Through the directory's own state handler, never its CheckpointManager
+    # (_orbax.state_reader).
+    with _orbax.state_reader(path, handle.state_reader()) as read:
+        return _read_through(handle, read, target, structure, partial)
 
-    def read(**items):
-        return {item: handler.restore(path / item, args=args) for item, args in items.items()}
 
+def _read_through(handle, read, target, structure, partial) -> Any:
     plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
     raw = structure.checked.raw
@@ -229,7 +230,7 @@ def _read_checked(handle, path, target, metadata_only, structure, partial) -> An
 # ------------------------------------------------------------------ verifying
 
 
-def verify(handle: _directory.Directory, step: int | None) -> _structure.VerifyReport:
+def verify(handle: _directory.Directory, step: int | None) -> _report.VerifyReport:
     """The body of ``OrbaxCheckpointHandler.verify``, run on the directory's worker.
 
     A step deleted by a writer while it is checked is not reported as damaged: with

@@ -10,7 +10,7 @@ from etils import epath
 
 from datarax_ckpt import (
     OrbaxCheckpointHandler,
-    _reading,
+    _orbax,
     _structure,
 )
 
@@ -25,9 +25,9 @@ stored = man.stored
 
 
 def item_args():
-    item = {k: _reading.template(s, d) for k, (d, s) in stored.items()}
+    item = {k: _orbax.template(s, d) for k, (d, s) in stored.items()}
     args = {
-        k: ocp.RestoreArgs(restore_type=_reading.AlignedHostArray, dtype=d)
+        k: ocp.RestoreArgs(restore_type=_orbax.AlignedHostArray, dtype=d)
         for k, (d, s) in stored.items()
     }
     return ocp.args.PyTreeRestore(item, restore_args=args, partial_restore=True)
@@ -49,7 +49,7 @@ def via_ckptr():
     c.close()
 
 
-sh = _reading.state_handler(use_ocdbt=True, use_compression=False)
+sh = _orbax.state_handler(use_ocdbt=True, use_compression=False)
 
 
 def direct():

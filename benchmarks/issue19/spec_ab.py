@@ -9,7 +9,7 @@ import jax
 
 from benchmarks.config import load_config
 from benchmarks.states import build_state
-from datarax_ckpt import OrbaxCheckpointHandler, _reading
+from datarax_ckpt import OrbaxCheckpointHandler, _orbax
 
 cfg = load_config("configs/bench/cpu.toml")
 case = [c for c in cfg.cases if c.kind == "gpt2"][0]
@@ -20,7 +20,7 @@ if not os.path.exists(d + "/ckpt-1"):
     shutil.rmtree(d, ignore_errors=True)
     h.save(d, tree, step=1)
     h.wait_until_finished()
-cached = _reading._AlignedNumpyHandler._spec
+cached = _orbax._AlignedNumpyHandler._spec
 
 
 def uncached(self, info, arg):
@@ -31,7 +31,7 @@ def uncached(self, info, arg):
 res = {"cached": [], "uncached": []}
 for r in range(int(sys.argv[1])):
     for m in ["cached", "uncached"] if r % 2 == 0 else ["uncached", "cached"]:
-        _reading._AlignedNumpyHandler._spec = cached if m == "cached" else uncached
+        _orbax._AlignedNumpyHandler._spec = cached if m == "cached" else uncached
         for _ in range(2):
             t = time.process_time()
             out = h.restore(d, tree, step=1)
