@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
+    _incremental,
     _integrity,
     _layout,
     _multihost,
@@ -95,6 +96,7 @@ class Directory:
         self._manager: ocp.CheckpointManager | None = None
         self.coordinator = _multihost.Coordinator(str(path))
         self.writer: _writer_lock.WriterLock | None = None
+        self.incremental = _incremental.Tracker() if options.incremental else None
         if _s3.is_s3(path):
             _s3.install()
 
@@ -117,7 +119,7 @@ class Directory:
     def item_handlers(self) -> dict[str, Any]:
         return {
             _layout.ITEM_STATE: _reading.state_handler(
-                use_ocdbt=self.options.use_ocdbt, use_compression=self.options.use_compression
+                use_ocdbt=self.options.ocdbt, use_compression=self.options.use_compression
             ),
             _layout.ITEM_MANIFEST: ocp.JsonCheckpointHandler(),
             _layout.ITEM_METADATA: ocp.JsonCheckpointHandler(),

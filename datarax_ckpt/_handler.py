@@ -20,6 +20,7 @@ from datarax_ckpt import (
     _directory,
     _follow,
     _hostcopy,
+    _incremental,
     _integrity,
     _layout,
     _multihost,
@@ -247,6 +248,8 @@ class OrbaxCheckpointHandler:
         metadata = _validate.metadata(metadata)
         _retention.metrics(self.options, metadata)  # a bad keep_best metric: before writing
         path = _validate.save_directory(directory)
+        if self.options.incremental:
+            _incremental.check_supported(path)
         name = _layout.step_name(step)
         with self._lock_for(capture):
             self._check_open()
@@ -264,11 +267,13 @@ class OrbaxCheckpointHandler:
                         f"{path / name} already exists. Pass overwrite=True to replace it, or "
                         "save under a new step."
                     )
+                reuse = handle.incremental.capture() if handle.incremental else None
                 arrays, manifest, arena = serialization.encode_and_capture(
                     target,
                     pack_threshold_bytes=self.options.pack_threshold_bytes,
                     snapshot=self.options.snapshot,
                     pool=handle.pool,
+                    reuse=reuse,
                 )
                 capture.end()
                 handle.claim()  # one writer per directory; after the checks, before writing
@@ -291,8 +296,11 @@ class OrbaxCheckpointHandler:
                     len(handle.pending),
                 )
                 return None
+            if handle.incremental:
+                handle.incremental.accept(reuse)
+            objects = reuse.objects if reuse else {}
             future = handle.run(
-                self._write, handle, step, arrays, manifest, metadata, keep, overwrite
+                self._write, handle, step, arrays, manifest, metadata, keep, overwrite, objects
             )
             pending = _directory.Pending(future, nbytes, name, arena)
             with self._state:
@@ -368,7 +376,7 @@ class OrbaxCheckpointHandler:
                 errors,
             )
 
-    def _write(self, handle, step, arrays, manifest, metadata, keep, overwrite) -> None:
+    def _write(self, handle, step, arrays, manifest, metadata, keep, overwrite, objects) -> None:
         """Worker thread: writes one checkpoint through Orbax and waits until committed.
 
         In a multi-process run only process 0 creates, moves and deletes folders; the
@@ -376,6 +384,7 @@ class OrbaxCheckpointHandler:
         """
         _hostcopy.yield_to_captures()  # a save() capturing right now goes first
         primary = _multihost.is_primary()
+        name = _layout.step_name(step)
         if primary:
             handle.path.mkdir(parents=True, exist_ok=True)
             _layout.clear_impostors(handle.path)  # before Orbax renames into the trash
@@ -383,11 +392,18 @@ class OrbaxCheckpointHandler:
             _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
             _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
         }
+        stored, known, linked, sums = arrays, {}, {}, {}
+        if handle.incremental and step is not None:  # unchanged arrays: linked, not written
+            stored, known, linked = handle.incremental.plan(handle.path, name, arrays)
         if arrays:
-            args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(arrays)
+            args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(stored)
         if self.options.checksums:  # hashed beside the array writes; only process 0 writes
-            sums = functools.partial(_integrity.compute, arrays, manifest, metadata)
-            args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(sums if primary else dict)
+
+            def compute() -> dict:
+                sums.update(_integrity.compute(arrays, manifest, metadata, known, linked))
+                return sums
+
+            args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(compute if primary else dict)
         checksums = args.get(_layout.ITEM_CHECKSUMS)
         args = ocp.args.Composite(**args)
         manager = handle.manager() if step is None else handle.manager(keep)
@@ -433,6 +449,8 @@ class OrbaxCheckpointHandler:
             if step is not None:
                 manager.reload()
             raise
+        if handle.incremental and step is not None:
+            handle.incremental.committed(path, sums, objects)  # the next save links from it
         if backup is not None and primary:
             _layout.discard(backup)  # renamed away first: a reader may be reading it
         if primary:

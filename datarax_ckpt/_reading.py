@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from datarax_ckpt import _layout
+from datarax_ckpt import _layout, _linking
 from datarax_ckpt._snapshot import StoredSpec, aligned_empty
 
 try:  # the function Orbax's own NumpyHandler builds its read spec with
@@ -117,7 +117,11 @@ async def _gather_all(awaitables: list) -> list:
 def _registry():
     th = ocp.type_handlers
     handlers = [(t, th.get_type_handler(t)) for t in th.supported_types()]
-    return th.create_type_handler_registry(*handlers, (AlignedHostArray, _AlignedNumpyHandler()))
+    return th.create_type_handler_registry(
+        *handlers,
+        (AlignedHostArray, _AlignedNumpyHandler()),
+        (_linking.Linked, _linking.LinkHandler()),  # incremental saves' unchanged arrays
+    )
 
 
 def state_handler(*, use_ocdbt: bool, use_compression: bool) -> ocp.PyTreeCheckpointHandler:

@@ -107,9 +107,18 @@ def _round_up(n: int) -> int:
 
 
 def capture(
-    slots: list[Slot], *, pack_threshold_bytes: int, snapshot: str, pool: ArenaPool | None = None
+    slots: list[Slot],
+    *,
+    pack_threshold_bytes: int,
+    snapshot: str,
+    pool: ArenaPool | None = None,
+    reuse: Callable[[str, str, Any], bool] | None = None,
 ) -> tuple[dict[str, Any], list[dict], list[dict], np.ndarray | None]:
     """Copies the slots' data into buffers owned by the checkpoint.
+
+    ``reuse(key, path, value)``, if given, is asked about each large single-process
+    ``jax.Array`` leaf; True stores the leaf itself, uncopied (incremental saves: the
+    very object saved last time, see ``_incremental``).
 
     Returns:
         ``(arrays, slot_table, packs, arena)``: the arrays to hand to Orbax keyed by
@@ -129,6 +138,7 @@ def capture(
     # ~2x the speed of an XLA copy (measured: 69 ms vs 144 ms for 256 MiB on 2 cores).
     host_backend = jax.default_backend() == "cpu"
     sizes: list[int] = []  # elements per slot
+    arrays: dict[str, Any] = {}
     for i, slot in enumerate(slots):
         value = slot.value
         dtype, dtype_name, storable = _dtype_and_name(value.dtype)
@@ -149,6 +159,11 @@ def capture(
                 value = slot.value = np.asarray(value)
             else:
                 table[i]["global"] = True  # restoring it in multi-process needs a target
+        if reuse is not None and not small and isinstance(value, jax.Array):
+            if reuse(f"a{i}", slot.path, value):
+                table[i]["key"] = f"a{i}"
+                arrays[f"a{i}"] = value
+                continue
         if isinstance(value, jax.Array) and not (host_backend and _single_cpu(value.sharding)):
             devices = value.sharding.device_set
             packable = small and value.is_fully_addressable and len(devices) == 1
@@ -169,7 +184,6 @@ def capture(
         else:
             np_large.append(i)
 
-    arrays: dict[str, Any] = {}
     packs: list[dict] = []
 
     def add_pack(dtype_name: str, idxs: list[int], buffer: Any, lib: str) -> None:

@@ -357,13 +357,19 @@ def encode_and_capture(
     pack_threshold_bytes: int,
     snapshot: str,
     pool: _snapshot.ArenaPool | None = None,
+    reuse: Callable[[str, str, Any], bool] | None = None,
 ) -> tuple[dict[str, Any], dict, Any]:
-    """:func:`serialize`, also returning the host arena to give back to ``pool`` later."""
+    """:func:`serialize`, also returning the host arena to give back to ``pool`` later
+    (``reuse``: see :func:`_snapshot.capture`)."""
     encoder = _Encoder()
     with _no_gc():
         root = encoder.encode(tree, "")
         arrays, slots, packs, arena = _snapshot.capture(
-            encoder.slots, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot, pool=pool
+            encoder.slots,
+            pack_threshold_bytes=pack_threshold_bytes,
+            snapshot=snapshot,
+            pool=pool,
+            reuse=reuse,
         )
     manifest = {
         "format": FORMAT_NAME,
