@@ -247,9 +247,9 @@ class OrbaxCheckpointHandler:
         _validate.flag("force", force)
         metadata = _validate.metadata(metadata)
         _retention.metrics(self.options, metadata)  # a bad keep_best metric: before writing
+        if self.options.incremental:  # before the path is looked at (s3:// would connect)
+            _incremental.check_supported(directory)
         path = _validate.save_directory(directory)
-        if self.options.incremental:
-            _incremental.check_supported(path)
         name = _layout.step_name(step)
         with self._lock_for(capture):
             self._check_open()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import shutil
 import threading
 import weakref
 from collections.abc import Mapping
@@ -49,23 +50,19 @@ import numpy as np
 from etils import epath
 
 from datarax_ckpt import _integrity, _layout, _s3, _safeio
-from datarax_ckpt._errors import CheckpointError
+from datarax_ckpt._errors import CheckpointError, IncrementalUnsupportedError
 from datarax_ckpt._linking import Linked
 
 _CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/metadata"
 
 
-class IncrementalUnsupportedError(CheckpointError, ValueError):
-    """``incremental=True`` where incremental saves are not available (``s3://``)."""
-
-
-def check_supported(path: epath.Path) -> None:
+def check_supported(path: Any) -> None:
     """Raises IncrementalUnsupportedError for a directory incremental saves cannot use.
 
     Object stores have no hard links (server-side copies would rewrite the bytes, which
     is what incremental saves avoid), so ``s3://`` is refused before anything is written.
     """
-    if _s3.is_s3(path):
+    if isinstance(path, str | os.PathLike) and _s3.is_s3(os.fspath(path)):
         raise IncrementalUnsupportedError(
             f"CheckpointOptions(incremental=True) cannot save to {path}: incremental saves "
             "hard-link unchanged arrays from the previous step, and S3 has no links. Use "
@@ -159,9 +156,13 @@ class Tracker:
             each unchanged one, ``{key: xxh3}`` of every array hashed here or linked, and
             ``{key: name of the step linked from}``.
         """
-        source = self._source_for(directory, name)
+        source = self._source_for(directory)
         if source is None or not arrays:
             return dict(arrays), {}, {}
+        # An overwrite moves the step it replaces aside before Orbax writes: link from there.
+        link_from = source.folder
+        if source.folder.name == name:
+            link_from = _layout.backup_path(source.folder)
         by_object: dict[int, str] = {}
         for key, ref in source.objects.items():
             obj = ref()
@@ -193,18 +194,17 @@ class Tracker:
             if not (state / old).is_dir():  # e.g. written by OCDBT: nothing to link
                 continue
             value = arrays[key]
-            out[key] = Linked(os.fspath(state / old), np.dtype(value.dtype), tuple(value.shape))
+            where = os.fspath(link_from / _layout.ITEM_STATE / old)
+            out[key] = Linked(where, np.dtype(value.dtype), tuple(value.shape))
             known[key] = source.records[old][_integrity.ALGORITHM]
             linked[key] = source.folder.name.removesuffix(_layout.BACKUP_SUFFIX)
         return out, known, linked
 
-    def _source_for(self, directory: epath.Path, name: str) -> Source | None:
+    def _source_for(self, directory: epath.Path) -> Source | None:
         folders = _layout.step_folders(directory)
         if not folders:
             return None
         folder = folders[max(folders)]
-        if folder.name == name:  # an overwrite: moved aside before Orbax writes
-            folder = _layout.backup_path(folder)
         with self._lock:
             source = self._source
         # The step this handler committed, if that is still it (a rename keeps the inode).
@@ -267,3 +267,57 @@ def _hash_all(values: list) -> list[str]:
         return [_integrity.hash_array(v) for v in values]
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datarax-ckpt-hash") as pool:
         return list(pool.map(_integrity.hash_array, values))
+
+
+def linked_arrays(checksums: Any) -> dict[str, str]:
+    """``{stored key: step folder it was linked from}`` of a step's checksums item."""
+    records = checksums.get("arrays") if isinstance(checksums, dict) else None
+    if not isinstance(records, dict):
+        return {}
+    return {
+        k: r["linked"]
+        for k, r in records.items()
+        if isinstance(r, dict) and isinstance(r.get("linked"), str)
+    }
+
+
+def new_bytes(folder: epath.Path, checksums: Any, total: int) -> int:
+    """Bytes of ``folder`` that this step wrote: ``total`` less its linked arrays' files."""
+    shared = 0
+    for key in linked_arrays(checksums):
+        for parent, _, files in os.walk(folder / _layout.ITEM_STATE / key):
+            for name in files:
+                try:
+                    shared += os.stat(os.path.join(parent, name), follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    return max(total - shared, 0)
+
+
+def copy_step(folder: epath.Path, out: epath.Path) -> epath.Path:
+    """Copies one committed step folder into ``out`` (created) as a standalone step.
+
+    Every file is copied, hard links included (``cp -r`` does the same): the copy shares
+    nothing with ``folder``'s directory, restores and verifies on its own, and is what
+    to move to another machine. Symlinks (never written by datarax_ckpt) are refused.
+
+    Returns:
+        The new step folder, ``out/<folder name>``.
+
+    Raises:
+        FileExistsError: if ``out`` already holds a folder of that name.
+    """
+    destination = epath.Path(out) / folder.name
+    if destination.exists():
+        raise FileExistsError(f"{destination} already exists; copy into another folder.")
+    scan = _safeio.scan(folder)
+    if scan.unsafe:
+        first = sorted(scan.unsafe)[0]
+        raise CheckpointError(f"{folder}/{first} is a {scan.unsafe[first]}: not copied.")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.parent / f".{folder.name}.datarax-copy"
+    if tmp.exists():
+        tmp.rmtree()
+    shutil.copytree(os.fspath(folder), os.fspath(tmp))
+    tmp.rename(destination)  # a killed copy leaves only the hidden tmp folder
+    return destination
