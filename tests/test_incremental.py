@@ -350,3 +350,61 @@ def test_a_kill_at_any_point_of_incremental_saves_leaves_the_newest_step_restora
         if len(steps) >= 1:  # the resumed save linked the base from the step before it
             assert any(r.get("linked") for r in records(directory / f"ckpt-{first}").values())
         first += 1
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def test_lora_fine_tuning_of_a_frozen_nnx_model_writes_only_the_trainable_part(tmp_path):
+    """Flax NNX's LoRA pattern: a pretrained base is frozen, LoRA adapters and a head are
+    trained (nnx.Optimizer over the trainable filter). Each step's checkpoint writes the
+    adapters, the head and their Adam moments; the base kernels are linked."""
+    import optax
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.base1 = nnx.Linear(1024, 1024, rngs=rngs)  # 4 MiB kernels, frozen
+            self.base2 = nnx.Linear(1024, 1024, rngs=rngs)
+            self.lora = nnx.LoRA(1024, 4, 1024, rngs=rngs)
+            self.head = nnx.Linear(1024, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.base2(nnx.relu(self.base1(x)))) + self.lora(x))
+
+    trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))
+    model = Model(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=trainable)
+    x = jax.random.normal(jax.random.key(1), (16, 1024))
+    y = jax.random.normal(jax.random.key(2), (16, 8))
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        def loss_fn(model):
+            return ((model(x) - y) ** 2).mean()
+
+        grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, trainable))(model)
+        optimizer.update(model, grads)
+
+    base_kernel = np.asarray(model.base1.kernel.value)
+    with OrbaxCheckpointHandler(incremental=True) as handler:
+        for step in range(1, 4):
+            train_step(model, optimizer)
+            handler.save(
+                tmp_path, {"model": nnx.state(model), "opt": nnx.state(optimizer)}, step=step
+            )
+        fresh = Model(nnx.Rngs(5))
+        fresh_opt = nnx.Optimizer(fresh, optax.adam(1e-2), wrt=trainable)
+        restored = handler.restore(
+            tmp_path, {"model": nnx.state(fresh), "opt": nnx.state(fresh_opt)}
+        )
+    nnx.update(fresh, restored["model"])
+    nnx.update(fresh_opt, restored["opt"])
+    assert_identical(nnx.to_pure_dict(nnx.state(fresh)), nnx.to_pure_dict(nnx.state(model)))
+    assert_identical(nnx.to_pure_dict(nnx.state(fresh_opt)), nnx.to_pure_dict(nnx.state(optimizer)))
+    assert np.array_equal(base_kernel, np.asarray(model.base1.kernel.value))  # truly frozen
+    show = json.loads(cli("show", tmp_path, "--json")[1])
+    linked = {leaf["path"] for leaf in show["leaves"] if leaf["linked"] == "ckpt-2"}
+    assert any("base1" in p and "kernel" in p for p in linked), linked
+    assert any("base2" in p and "kernel" in p for p in linked), linked
+    assert not any("lora" in p or "head" in p for p in linked), linked
