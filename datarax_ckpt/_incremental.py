@@ -16,6 +16,12 @@ sound evidence, in this order:
    dtype and shape match nothing are not hashed early (they cannot be equal): they are
    written and hashed beside the write, as without incremental saves.
 
+Hashing early is serial with the write, while the checksums item hashes beside it. So a
+stored array that differed from its predecessor at the last save (a trained weight, a
+moment) is written without looking first, at no risk: writing is always correct. Its
+checksum, computed beside the write, shows whether it has stopped changing; if it has,
+the next save looks again. Nothing is ever linked on such a guess, only written.
+
 The previous step's checksums are kept in memory from the last save of this handler, or
 read from the step's ``checksums`` item after a restart. Everything is decided on the
 directory's worker thread, just before the write, against the step committed then.
@@ -114,6 +120,8 @@ class Tracker:
         self._lock = threading.Lock()
         self._seen: dict[str, weakref.ref] = {}
         self._source: Source | None = None
+        self._compared: dict[str, dict] = {}  # the records the last plan compared with
+        self._changing: set[str] = set()  # keys that differed at the last save
 
     def capture(self) -> Capture | None:
         if not active():
@@ -132,13 +140,15 @@ class Tracker:
         records = (sums or {}).get("arrays")
         with self._lock:
             if not isinstance(records, dict):
-                self._source = None
+                self._source, self._changing = None, set()
                 return
             self._source = Source(folder, records, dict(objects), _inode(folder))
-
-    def forget(self) -> None:
-        with self._lock:
-            self._source = None
+            old = self._compared
+            self._changing = {
+                k
+                for k, r in records.items()
+                if _usable(r) and _usable(old.get(k)) and _content(r) != _content(old[k])
+            }
 
     def plan(
         self, directory: epath.Path, name: str, arrays: Mapping[str, Any]
@@ -157,6 +167,9 @@ class Tracker:
             ``{key: name of the step linked from}``.
         """
         source = self._source_for(directory)
+        with self._lock:
+            self._compared = source.records if source is not None else {}
+            changing = self._changing
         if source is None or not arrays:
             return dict(arrays), {}, {}
         # An overwrite moves the step it replaces aside before Orbax writes: link from there.
@@ -180,6 +193,8 @@ class Tracker:
             old = by_object.get(id(value))
             if old is not None and source.objects[old]() is value:
                 matches[key] = old
+            elif key in changing:
+                continue  # written (see the module docstring); its checksum comes after
             elif (_dtype(value), tuple(value.shape)) in shapes and _whole(value):
                 to_hash.append(key)
         known = {}

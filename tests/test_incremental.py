@@ -30,7 +30,7 @@ SCRIPT = Path(sys.executable).with_name("datarax-ckpt")
 def finetune_state(step: int, base: dict) -> dict:
     """A frozen base (the same arrays every step) and a small trainable head + moments."""
     rng = np.random.default_rng(step)
-    head = rng.standard_normal((256, 1024), dtype=np.float32)  # 1 MiB: stored on its own
+    head = rng.standard_normal((256, 1024), dtype=np.float32)  # 1 MiB: packed
     return {
         "base": base,
         "head": jnp.asarray(head),
@@ -408,3 +408,20 @@ def test_lora_fine_tuning_of_a_frozen_nnx_model_writes_only_the_trainable_part(t
     assert any("base1" in p and "kernel" in p for p in linked), linked
     assert any("base2" in p and "kernel" in p for p in linked), linked
     assert not any("lora" in p or "head" in p for p in linked), linked
+
+
+def test_an_array_that_stops_changing_is_linked_again(tmp_path):
+    """A trained array is written without being hashed first while it keeps changing;
+    once its checksum shows it stopped, the next save links it again."""
+
+    def adapter(step: int) -> jax.Array:  # 2.3 MiB: stored on its own
+        return jnp.asarray(np.random.default_rng(step).standard_normal((600, 1024), np.float32))
+
+    with OrbaxCheckpointHandler(incremental=True) as handler:
+        for step in range(6):
+            state = {"adapter": adapter(min(step, 3)), "bias": jnp.full(8, step, jnp.float32)}
+            handler.save(tmp_path, state, step=step)  # the adapter stops changing at 3
+        handler.wait_until_finished()
+        assert_identical(handler.restore(tmp_path, step=5)["adapter"], adapter(3))
+    linked = [bool(records(tmp_path / f"ckpt-{s}")["a0"].get("linked")) for s in range(6)]
+    assert linked == [False, False, False, False, False, True]
