@@ -1,7 +1,7 @@
-"""Orbax plumbing of incremental saves: a stored array hard-linked from an earlier step.
+"""Incremental saves on disk: a stored array hard-linked from an earlier step.
 
 An unchanged array of an incremental save reaches Orbax as a :class:`Linked` leaf of the
-state item. Its ``TypeHandler`` (:class:`LinkHandler`, registered in the state item's
+state item. Its ``TypeHandler`` (``_reading.LinkHandler``, registered in the state item's
 private registry beside Orbax's own) writes nothing: in the item's commit future it
 hard-links every file of the array's folder in the earlier step (Orbax's per-array
 zarr layout, ``state/<key>/.zarray`` and its chunks) into the new step's folder, which
@@ -24,7 +24,6 @@ import os
 import stat
 
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt._errors import CheckpointError
@@ -48,7 +47,7 @@ class SourceChangedError(CheckpointError, FileNotFoundError):
     """The earlier step an incremental save links from lost the array's files."""
 
 
-def link_folder(source: epath.Path, destination: epath.Path) -> int:
+def link_folder(source: epath.PathLike, destination: epath.PathLike) -> int:
     """Hard-links every regular file under ``source`` into ``destination`` (created);
     returns the number of files linked.
 
@@ -77,22 +76,3 @@ def link_folder(source: epath.Path, destination: epath.Path) -> int:
             os.link(path, os.path.join(target, name), follow_symlinks=False)
             count += 1
     return count
-
-
-class LinkHandler(ocp.type_handlers.NumpyHandler):
-    """Orbax ``TypeHandler`` of :class:`Linked` leaves: links the files, writes nothing.
-
-    Its ``typestr`` is the ``NumpyHandler``'s, so Orbax's tree metadata describes a
-    linked array exactly as a written one; reads go through the ordinary handlers.
-    """
-
-    async def serialize(self, values, infos, args=None):
-        async def link_all() -> None:
-            if ocp.multihost.process_index() != 0:
-                return  # like NumpyHandler: one process writes
-            for value, info in zip(values, infos, strict=True):
-                await info.await_path_creation()
-                link_folder(epath.Path(value.source), info.parent_dir / info.name)
-
-        commit = ocp.future.CommitFutureAwaitingContractedSignals
-        return [commit(link_all(), name="datarax_ckpt_links")]

@@ -99,6 +99,26 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
         return outs
 
 
+class LinkHandler(ocp.type_handlers.NumpyHandler):
+    """``TypeHandler`` of :class:`~datarax_ckpt._linking.Linked` leaves (incremental saves):
+    hard-links the earlier step's files in the item's commit future, writes nothing.
+
+    Its ``typestr`` is the ``NumpyHandler``'s, so Orbax's tree metadata describes a
+    linked array exactly as a written one; reads go through the ordinary handlers.
+    """
+
+    async def serialize(self, values, infos, args=None):
+        async def link_all() -> None:
+            if jax.process_index() != 0:
+                return  # like NumpyHandler: one process writes
+            for value, info in zip(values, infos, strict=True):
+                await info.await_path_creation()
+                _linking.link_folder(value.source, info.parent_dir / info.name)
+
+        commit = ocp.future.CommitFutureAwaitingContractedSignals
+        return [commit(link_all(), name="datarax_ckpt_links")]
+
+
 async def _gather_all(awaitables: list) -> list:
     """``asyncio.gather``, but raises only once every awaitable has finished.
 
@@ -120,7 +140,7 @@ def _registry():
     return th.create_type_handler_registry(
         *handlers,
         (AlignedHostArray, _AlignedNumpyHandler()),
-        (_linking.Linked, _linking.LinkHandler()),  # incremental saves' unchanged arrays
+        (_linking.Linked, LinkHandler()),  # incremental saves' unchanged arrays
     )
 
 
