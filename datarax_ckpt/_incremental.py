@@ -216,19 +216,16 @@ class Tracker:
         return out, known, linked
 
     def _source_for(self, directory: epath.Path) -> Source | None:
-        folders = _layout.step_folders(directory)
-        if not folders:
-            return None
-        folder = folders[max(folders)]
         with self._lock:
             source = self._source
-        # The step this handler committed, if that is still it (a rename keeps the inode).
-        same_name = source is not None and source.folder.name == folder.name.removesuffix(
-            _layout.BACKUP_SUFFIX
-        )
-        if same_name and source.inode is not None and source.inode == _inode(folder):
-            return dataclasses.replace(source, folder=folder)
-        return _read_source(folder)
+        # The step this handler committed last is still the newest while its folder is
+        # the same (a rename keeps the inode): only this writer adds or removes steps
+        # (one writer per directory), and its rollback() deletes the folder. No listing.
+        if source is not None and source.inode is not None:
+            if source.inode == _inode(source.folder):
+                return source
+        folders = _layout.step_folders(directory)
+        return _read_source(folders[max(folders)]) if folders else None
 
 
 def _read_source(folder: epath.Path) -> Source | None:
