@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import shutil
 import threading
@@ -245,6 +246,13 @@ def _read_source(folder: epath.Path) -> Source | None:
     return Source(folder, {k: v for k, v in records.items() if _usable(v)})
 
 
+def _read_json_or_none(path: epath.Path) -> Any:
+    try:
+        return _safeio.read_json(path, _safeio.MAX_JSON_BYTES)
+    except (OSError, ValueError):
+        return None
+
+
 def _usable(record: Any) -> bool:
     return (
         isinstance(record, dict)
@@ -311,7 +319,8 @@ def copy_step(folder: epath.Path, out: epath.Path) -> epath.Path:
 
     Every file is copied, hard links included (``cp -r`` does the same): the copy shares
     nothing with ``folder``'s directory, restores and verifies on its own, and is what
-    to move to another machine. Symlinks (never written by datarax_ckpt) are refused.
+    to move to another machine; its checksum records no longer mark arrays as linked.
+    Symlinks (never written by datarax_ckpt) are refused.
 
     Returns:
         The new step folder, ``out/<folder name>``.
@@ -331,5 +340,11 @@ def copy_step(folder: epath.Path, out: epath.Path) -> epath.Path:
     if tmp.exists():
         tmp.rmtree()
     shutil.copytree(os.fspath(folder), os.fspath(tmp))
+    sums = tmp / _CHECKSUMS_FILE
+    if linked_arrays(doc := _read_json_or_none(sums)):
+        for record in doc["arrays"].values():  # the copy wrote every byte: nothing linked
+            if isinstance(record, dict):
+                record.pop("linked", None)
+        sums.write_text(json.dumps(doc))
     tmp.rename(destination)  # a killed copy leaves only the hidden tmp folder
     return destination

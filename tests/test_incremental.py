@@ -276,6 +276,7 @@ def test_cli_copy_makes_a_standalone_step(tmp_path):
     code, out, err = cli("copy", directory, elsewhere, "--step", "1")
     assert code == 0 and "standalone, verified" in out, err
     assert all(st.st_nlink == 1 for st in files(elsewhere / "ckpt-1").values())
+    assert not any("linked" in r for r in records(elsewhere / "ckpt-1").values())
     for rel in files(directory / "ckpt-1"):
         (directory / "ckpt-1" / rel).unlink()  # the source is gone: the copy still reads
     with OrbaxCheckpointHandler() as handler:
