@@ -71,7 +71,7 @@ def copy(
         int | None, typer.Option("--step", "-s", help="The step (default: the latest).")
     ] = None,
 ) -> None:
-    """Copy one step into OUT as a standalone datarax_ckpt step, then verify the copy.
+    """Copy one step into OUT as a standalone step, and verify the copy.
 
     Every file is copied, including the arrays an incremental save linked from earlier
     steps, so OUT/ckpt-N shares nothing with DIR and restores on any machine.

@@ -289,12 +289,12 @@ def _ls_row(label, step, folder: Path, writer: dict | None, quick: bool = True) 
 
 @app.command("ls")
 def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
-    """List checkpoints: step, time, new and total size, quick check, metadata.
+    """List checkpoints: step, time, size, quick check, metadata.
 
-    One row per checkpoint folder in DIR: its step, when it was committed, the bytes it
-    wrote (new) and all the bytes it names (size; with incremental saves, unchanged
-    arrays are hard links to an earlier step's files), the quick check and a summary
-    of its metadata.
+    One row per checkpoint folder in DIR: its step, when it was committed, its size on
+    disk, the quick check and a summary of its metadata. For incremental saves, whose
+    unchanged arrays are hard links to an earlier step's files, a `new` column shows
+    the bytes each step added.
     The quick check looks at Orbax's commit marker and at every file the data needs
     (present, long enough) without reading the arrays; `verify` reads everything.
     A save still being written by a live writer is shown as pending; one left by a
@@ -320,10 +320,12 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
         print(json.dumps([{k: v for k, v in r.items() if k != "_rich"} for r in rows], indent=2))
         return
     table = Table(title=f"{directory}", title_justify="left")
+    # The new bytes only where a step holds less than its size (incremental saves).
+    new = any(r["new_bytes"] != r["bytes"] for r in rows)
     for name, justify in (
         ("step", "right"),
         ("written", "left"),
-        ("new", "right"),
+        *([("new", "right")] if new else []),
         ("size", "right"),
         ("quick check", "left"),
         ("metadata", "left"),
@@ -335,7 +337,7 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
         table.add_row(
             step,
             r["written"],
-            _human(r["new_bytes"]),
+            *([_human(r["new_bytes"])] if new else []),
             _human(r["bytes"]),
             r["_rich"],
             escape(_summary(r["metadata"])),
