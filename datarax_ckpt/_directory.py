@@ -14,7 +14,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
-    _incremental,
     _integrity,
     _layout,
     _multihost,
@@ -96,7 +95,7 @@ class Directory:
         self._manager: ocp.CheckpointManager | None = None
         self.coordinator = _multihost.Coordinator(str(path))
         self.writer: _writer_lock.WriterLock | None = None
-        self.incremental = _incremental.Tracker() if options.incremental else None
+        self.incremental: Any = None  # an _incremental.Tracker, set by the handler
         if _s3.is_s3(path):
             _s3.install()
 

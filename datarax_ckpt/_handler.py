@@ -749,6 +749,8 @@ class OrbaxCheckpointHandler:
         handle = self._directories.get(key)
         if handle is None:
             handle = self._directories[key] = _directory.Directory(path, self.options)
+            if self.options.incremental:
+                handle.incremental = _incremental.Tracker()
         return handle
 
     def _enter(self, path: epath.Path) -> _directory.Directory:
