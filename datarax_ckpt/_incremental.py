@@ -167,6 +167,8 @@ class Tracker:
             each unchanged one, ``{key: xxh3}`` of every array hashed here or linked, and
             ``{key: name of the step linked from}``.
         """
+        if not active():  # multi-process runs save in full
+            return dict(arrays), {}, {}
         source = self._source_for(directory)
         with self._lock:
             self._compared = source.records if source is not None else {}
