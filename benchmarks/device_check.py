@@ -193,7 +193,7 @@ def save_blocking(workdir: Path) -> dict:
 def restore_phases(workdir: Path) -> dict:
     """Where a restore of the GPT-2-small training state onto the device spends its time."""
     import datarax_ckpt._integrity as integrity
-    import datarax_ckpt._reading as reading
+    import datarax_ckpt._orbax as reading
     from datarax_ckpt import OrbaxCheckpointHandler
 
     state = build_state(CaseConfig(kind="gpt2", width_scale=1.0), seed=0)

@@ -19,8 +19,8 @@ from datarax_ckpt._errors import WriterConflictError as WriterConflictError
 from datarax_ckpt._handler import OrbaxCheckpointHandler as OrbaxCheckpointHandler
 from datarax_ckpt._interop import export_orbax as export_orbax
 from datarax_ckpt._interop import import_orbax as import_orbax
-from datarax_ckpt._structure import Problem as Problem
-from datarax_ckpt._structure import VerifyReport as VerifyReport
+from datarax_ckpt._report import Problem as Problem
+from datarax_ckpt._report import VerifyReport as VerifyReport
 from datarax_ckpt._typing import Checkpointable as Checkpointable
 from datarax_ckpt._typing import PathLike as PathLike
 from datarax_ckpt._typing import PyTree as PyTree

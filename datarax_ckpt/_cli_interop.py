@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from datarax_ckpt import _incremental, _integrity, _interop
+from datarax_ckpt._cli_common import EXIT_DAMAGED, DirArg, app, fail, list_folders, out, pick
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
-from datarax_ckpt.cli import EXIT_DAMAGED, DirArg, _fail, _folders, _pick, app, out
 
 
 @app.command("export")
@@ -35,17 +35,17 @@ def export(
     numbers, None), the impl of each PRNG key and the metadata.
     """
     if fmt not in _interop.FORMATS:
-        raise _fail(f"--format must be one of {', '.join(_interop.FORMATS)}, not {fmt!r}.")
+        raise fail(f"--format must be one of {', '.join(_interop.FORMATS)}, not {fmt!r}.")
     if step is not None:
-        _pick(directory, step)  # explains a missing step or a raw Orbax directory
+        pick(directory, step)  # explains a missing step or a raw Orbax directory
     else:
-        _folders(directory)
+        list_folders(directory)
     try:
         path = _interop.export_orbax(directory, out_dir, step=step, format=fmt)
     except CheckpointCorruptedError as e:
-        raise _fail(str(e), EXIT_DAMAGED) from e
+        raise fail(str(e), EXIT_DAMAGED) from e
     except (OSError, ValueError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     doc = json.loads((path / _interop.EXPORT_FILE).read_text())
     arrays = "model.safetensors" if fmt == "safetensors" else "plain Orbax"
     out.print(
@@ -76,14 +76,14 @@ def copy(
     Every file is copied, including the arrays an incremental save linked from earlier
     steps, so OUT/ckpt-N shares nothing with DIR and restores on any machine.
     """
-    label, _, folder = _pick(directory, step)
+    label, _, folder = pick(directory, step)
     try:
         copied = _incremental.copy_step(folder, out_dir)
     except (OSError, CheckpointError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     report = _integrity.verify(copied)
     if not report.ok:
-        raise _fail(f"The copy {copied} does not verify: {report}", EXIT_DAMAGED)
+        raise fail(f"The copy {copied} does not verify: {report}", EXIT_DAMAGED)
     out.print(
         f"Copied {escape(label)} of {escape(str(directory))} to {escape(str(copied))} "
         f"(standalone, verified: {report.arrays_checked} arrays).",
@@ -111,7 +111,7 @@ def import_(
     try:
         steps = _interop.import_orbax(orbax_dir, directory)
     except (OSError, ValueError) as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     shown = ", ".join("checkpoint/" if s is None else str(s) for s in steps)
     out.print(
         f"Imported {len(steps)} checkpoint(s) ({shown}) from {escape(str(orbax_dir))} into "

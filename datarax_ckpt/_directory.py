@@ -10,19 +10,9 @@ import threading
 from types import EllipsisType
 from typing import Any
 
-import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import (
-    _integrity,
-    _layout,
-    _multihost,
-    _reading,
-    _retention,
-    _s3,
-    _snapshot,
-    _writer_lock,
-)
+from datarax_ckpt import _layout, _multihost, _orbax, _s3, _snapshot, _writer_lock
 from datarax_ckpt.options import CheckpointOptions
 
 
@@ -92,12 +82,11 @@ class Directory:
         self.pending: collections.deque[Pending] = collections.deque()
         self.keep: int | None = None  # the retention the manager was built with
         self.pool = _snapshot.ArenaPool(max_free=options.max_pending_saves)
-        self._manager: ocp.CheckpointManager | None = None
+        self._manager: Any = None  # an Orbax CheckpointManager
         self.coordinator = _multihost.Coordinator(str(path))
         self.writer: _writer_lock.WriterLock | None = None
         self.incremental: Any = None  # an _incremental.Tracker, set by the handler
-        if _s3.is_s3(path):
-            _s3.install()
+        _orbax.prepare(path)
 
     def claim(self) -> None:
         """Makes this handler the directory's writer (see ``_writer_lock``); idempotent.
@@ -111,21 +100,12 @@ class Directory:
         if self.writer is None and _multihost.is_primary():
             self.writer = _writer_lock.acquire(self.path)
 
-    def atomicity(self) -> dict[str, Any]:
-        """Keyword arguments giving an Orbax checkpointer this directory's commit protocol."""
-        return {"atomicity_options": _s3.atomicity_options()} if _s3.is_s3(self.path) else {}
-
     def item_handlers(self) -> dict[str, Any]:
-        return {
-            _layout.ITEM_STATE: _reading.state_handler(
-                use_ocdbt=self.options.ocdbt, use_compression=self.options.use_compression
-            ),
-            _layout.ITEM_MANIFEST: ocp.JsonCheckpointHandler(),
-            _layout.ITEM_METADATA: ocp.JsonCheckpointHandler(),
-            _layout.ITEM_CHECKSUMS: _integrity.ChecksumsHandler(),
-        }
+        return _orbax.item_handlers(
+            use_ocdbt=self.options.ocdbt, use_compression=self.options.use_compression
+        )
 
-    def manager(self, keep: int | None | EllipsisType = ...) -> ocp.CheckpointManager:
+    def manager(self, keep: int | None | EllipsisType = ...) -> Any:
         """The directory's CheckpointManager (worker thread, writes only); created on first use.
 
         Only a writer creates it, after :meth:`claim`: creating it removes every temporary
@@ -142,39 +122,34 @@ class Directory:
                 self._manager.close()
                 self._manager = None
         if self._manager is None:
-            s3 = _s3.is_s3(self.path)
-            cleanup = self.options.cleanup_tmp_directories
             if _multihost.is_primary():
                 _layout.recover(self.path)
-                if s3 and cleanup:
+                if _s3.is_s3(self.path) and self.options.cleanup_tmp_directories:
                     _layout.remove_unmarked(self.path)
             self.coordinator.barrier("recovered")  # the others wait for process 0's repairs
-            self._manager = ocp.CheckpointManager(
-                self.path,
-                options=ocp.CheckpointManagerOptions(
-                    step_name_format=_layout.NAME_FORMAT,
-                    **_retention.manager_options(self.options, self.keep),
-                    create=False,
-                    # On s3:// Orbax's cleanup deletes every unmarked folder; ours above
-                    # only the library's own.
-                    cleanup_tmp_directories=cleanup and not s3,
-                    enable_async_checkpointing=True,
-                    # Atomic removal (see _layout.TRASH); object stores cannot rename.
-                    todelete_subdir=None if s3 else _layout.TRASH,
-                    atomicity_options=_s3.atomicity_options() if s3 else None,
-                    # Create the step's tmp folder on this worker thread, before any write
-                    # is scheduled: created asynchronously, a failure (read-only or full
-                    # disk) orphans Orbax threads that wait 300 s for it and block exit.
-                    async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
-                ),
-                item_handlers=self.item_handlers(),
-            )
-            # Orbax removes stale temporary folders in the background; finish that now so
-            # it cannot race the unversioned checkpoint, which is written beside the steps.
-            getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
-            if s3:
-                _s3.configure_manager(self._manager, self.path)
+            self._manager = _orbax.create_manager(self.path, self.options, self.keep)
         return self._manager
+
+    def make_room(self, nbytes: int, lock: Any) -> bool:
+        """Applies the backpressure policy for a save of ``nbytes``; returns False if the
+        save must be skipped (``lock``: the handler's, which guards :attr:`pending`)."""
+        opts = self.options
+
+        def oldest_if_full() -> Pending | None:
+            with lock:
+                pending = [p for p in self.pending if not p.future.done()]
+            held = sum(p.nbytes for p in pending)
+            limit = opts.max_pending_bytes
+            over = len(pending) >= opts.max_pending_saves or (
+                limit is not None and held + nbytes > limit
+            )
+            return pending[0] if pending and over else None
+
+        while (oldest := oldest_if_full()) is not None:
+            if opts.on_backpressure == "skip":
+                return False
+            concurrent.futures.wait([oldest.future])
+        return True
 
     def run(self, fn, *args) -> concurrent.futures.Future:
         return ORBAX_LOCK.submit(self.worker, fn, *args)

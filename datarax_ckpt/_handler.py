@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -13,7 +12,6 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
@@ -21,21 +19,19 @@ from datarax_ckpt import (
     _follow,
     _hostcopy,
     _incremental,
-    _integrity,
     _layout,
-    _multihost,
+    _orbax,
+    _report,
     _restoring,
-    _retention,
     _safeio,
     _snapshot,
     _steps,
-    _structure,
     _validate,
+    _writing,
     serialization,
 )
 from datarax_ckpt._errors import (
     BackgroundSaveError,
-    CheckpointError,
     CheckpointExistsError,
     storage_error,
 )
@@ -246,7 +242,7 @@ class OrbaxCheckpointHandler:
         _validate.flag("overwrite", overwrite)
         _validate.flag("force", force)
         metadata = _validate.metadata(metadata)
-        _retention.metrics(self.options, metadata)  # a bad keep_best metric: before writing
+        _orbax.metrics(self.options, metadata)  # a bad keep_best metric: before writing
         if self.options.incremental:  # before the path is looked at (s3:// would connect)
             _incremental.check_supported(directory)
         path = _validate.save_directory(directory)
@@ -254,7 +250,7 @@ class OrbaxCheckpointHandler:
         with self._lock_for(capture):
             self._check_open()
             self._raise_errors()
-            if not (force or step is None or _retention.on_interval(self.options, step)):
+            if not (force or step is None or _orbax.on_interval(self.options, step)):
                 return None  # off save_interval_steps
             handle = self._handle_for(path)
             try:
@@ -278,7 +274,7 @@ class OrbaxCheckpointHandler:
                 capture.end()
                 handle.claim()  # one writer per directory; after the checks, before writing
                 nbytes = _snapshot.nbytes(arrays)
-                room = self._make_room(handle, nbytes)
+                room = handle.make_room(nbytes, self._state)
             except Exception as e:
                 handle.coordinator.report_failure(e)  # multi-process: the others raise too
                 raise
@@ -300,7 +296,7 @@ class OrbaxCheckpointHandler:
                 handle.incremental.accept(reuse)
             objects = reuse.objects if reuse else {}
             future = handle.run(
-                self._write, handle, step, arrays, manifest, metadata, keep, overwrite, objects
+                _writing.write, handle, step, arrays, manifest, metadata, keep, overwrite, objects
             )
             pending = _directory.Pending(future, nbytes, name, arena)
             with self._state:
@@ -323,26 +319,6 @@ class OrbaxCheckpointHandler:
             yield
         finally:
             self._lock.release()
-
-    def _make_room(self, handle: _directory.Directory, nbytes: int) -> bool:
-        """Applies the backpressure policy; returns False if the save must be skipped."""
-        opts = self.options
-
-        def oldest_if_full() -> _directory.Pending | None:
-            with self._state:
-                pending = [p for p in handle.pending if not p.future.done()]
-            held = sum(p.nbytes for p in pending)
-            limit = opts.max_pending_bytes
-            over = len(pending) >= opts.max_pending_saves or (
-                limit is not None and held + nbytes > limit
-            )
-            return pending[0] if pending and over else None
-
-        while (oldest := oldest_if_full()) is not None:
-            if opts.on_backpressure == "skip":
-                return False
-            concurrent.futures.wait([oldest.future])
-        return True
 
     def _finished(self, handle: _directory.Directory, pending: _directory.Pending) -> None:
         with self._state:
@@ -375,93 +351,6 @@ class OrbaxCheckpointHandler:
                 "names its checkpoint)",
                 errors,
             )
-
-    def _write(self, handle, step, arrays, manifest, metadata, keep, overwrite, objects) -> None:
-        """Worker thread: writes one checkpoint through Orbax and waits until committed.
-
-        In a multi-process run only process 0 creates, moves and deletes folders; the
-        others wait at barriers, so nobody races it.
-        """
-        _hostcopy.yield_to_captures()  # a save() capturing right now goes first
-        primary = _multihost.is_primary()
-        name = _layout.step_name(step)
-        if primary:
-            handle.path.mkdir(parents=True, exist_ok=True)
-            _layout.clear_impostors(handle.path)  # before Orbax renames into the trash
-        args = {
-            _layout.ITEM_MANIFEST: ocp.args.JsonSave(manifest),
-            _layout.ITEM_METADATA: ocp.args.JsonSave(metadata),
-        }
-        stored, known, linked, sums = arrays, {}, {}, {}
-        if handle.incremental and step is not None:  # unchanged arrays: linked, not written
-            stored, known, linked = handle.incremental.plan(handle.path, name, arrays)
-        if arrays:
-            args[_layout.ITEM_STATE] = ocp.args.PyTreeSave(stored)
-        if self.options.checksums:  # hashed beside the array writes; only process 0 writes
-
-            def compute() -> dict:
-                sums.update(_integrity.compute(arrays, manifest, metadata, known, linked))
-                return sums
-
-            args[_layout.ITEM_CHECKSUMS] = _integrity.ChecksumsSave(compute if primary else dict)
-        checksums = args.get(_layout.ITEM_CHECKSUMS)
-        args = ocp.args.Composite(**args)
-        manager = handle.manager() if step is None else handle.manager(keep)
-        path = handle.path / _layout.step_name(step)
-        backup = None
-        _steps.check_order(handle.path, step, [])  # another process may have saved since
-        committed = _layout.is_committed(path)
-        handle.coordinator.barrier("checked")  # every process looked before anything moves
-        if committed:
-            if not overwrite:
-                raise CheckpointExistsError(
-                    f"{path} was created by someone else while this save was queued."
-                )
-            backup = _layout.move_aside(path) if primary else _layout.backup_path(path)
-            handle.coordinator.barrier("moved-aside")
-        try:
-            if step is None:
-                atomicity = handle.atomicity()  # the commit protocol, for items too
-                checkpointer = ocp.Checkpointer(
-                    ocp.CompositeCheckpointHandler(
-                        composite_options=ocp.CompositeOptions(**atomicity),
-                        **handle.item_handlers(),
-                    ),
-                    **atomicity,
-                )
-                try:
-                    checkpointer.save(path, args=args)
-                finally:
-                    checkpointer.close()
-            else:
-                if backup is not None or manager.all_steps() != _layout.committed_steps(
-                    handle.path
-                ):
-                    manager.reload()  # the disk changed: Orbax retains what is there
-                metrics = _retention.metrics(self.options, metadata)
-                manager.save(step, args=args, force=True, metrics=metrics)
-                manager.wait_until_finished()
-        except BaseException:
-            if primary:
-                _layout.remove_partial(handle.path, path.name)
-                if backup is not None:
-                    _layout.put_back(path, backup)
-            if step is not None:
-                manager.reload()
-            raise
-        if handle.incremental and step is not None:
-            handle.incremental.committed(path, sums, objects)  # the next save links from it
-        if backup is not None and primary:
-            _layout.discard(backup)  # renamed away first: a reader may be reading it
-        if primary:
-            _layout.empty_trash(handle.path)
-        handle.coordinator.barrier("committed")  # listing on any process now sees it
-        if checksums is not None and checksums.error is not None:
-            raise CheckpointError(
-                f"{path} was committed without content checksums: computing them failed "
-                f"({checksums.error!r}). Its data is complete and restores; verify() "
-                "reports checksums_recorded=False for it. Save again to record them."
-            ) from checksums.error
 
     # ------------------------------------------------------------------ restoring
 
@@ -542,7 +431,7 @@ class OrbaxCheckpointHandler:
         )
         return handle.run(_restoring.in_context, context, read).result()
 
-    def verify(self, directory: PathLike, step: int | None = None) -> _structure.VerifyReport:
+    def verify(self, directory: PathLike, step: int | None = None) -> _report.VerifyReport:
         """Re-reads a checkpoint (after pending saves) and checks everything it holds.
 
         Checks that the step is committed (Orbax's commit marker), that every file the
@@ -644,7 +533,7 @@ class OrbaxCheckpointHandler:
             raise TypeError("should_save needs an int step >= 0, got None.")
         path = _validate.directory(directory)
         pending = self.pending_steps(path)
-        if not _retention.on_interval(self.options, step, saving=bool(pending)):
+        if not _orbax.on_interval(self.options, step, saving=bool(pending)):
             return False  # decided without listing the directory
         self._raise_errors()
         return not (any(s >= step for s in pending) or _steps.committed_above(path, step - 1))

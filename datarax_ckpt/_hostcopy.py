@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -205,3 +206,11 @@ def _units(
             close_run()
     close_run()
     return units
+
+
+def aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
+    """A 1-D array whose data is ``align``-byte aligned (XLA wraps those without a copy)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(size * dtype.itemsize + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + size * dtype.itemsize].view(dtype)

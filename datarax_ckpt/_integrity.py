@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import json
 import math
 import re
@@ -32,27 +31,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import xxhash
 from etils import epath
 
-from datarax_ckpt import _hostcopy, _layout, _reading, _safeio
+from datarax_ckpt import _hostcopy, _layout, _orbax, _safeio
 from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._manifest import slot_paths, stored_arrays
-from datarax_ckpt._structure import (
-    _JSON_FILE,
-    _JSON_ITEMS,
-    UNAVAILABLE,
+from datarax_ckpt._report import (
     Problem,
-    Structure,
     VerifyReport,
-    _first_line,
-    _step_of,
-    _stored_keys,
     corrupted,
-    inspect,
+    first_line,
     is_storage_error,
+    step_of,
 )
+from datarax_ckpt._structure import JSON_FILE, UNAVAILABLE, Structure, inspect, stored_keys_of
 
 ALGORITHM = "xxh3_64"
 CHECKSUMS_VERSION = 1
@@ -112,7 +105,7 @@ def compute(
 ) -> dict:
     """The ``checksums`` item of one save: one record per stored array, plus the JSON items.
 
-    Runs in the checksums item's commit future (:class:`ChecksumsHandler`), beside the
+    Runs in the checksums item's commit future (``_orbax.ChecksumsHandler``), beside the
     array writes, pausing (1 s at most in all) while a ``save()`` captures its state.
     A packed buffer also gets one checksum per leaf packed
     in it (``"slots"``), so damage is traced to the exact leaf. An array that this
@@ -158,58 +151,14 @@ def compute(
     }
 
 
-class ChecksumsHandler(ocp.JsonCheckpointHandler):
-    """Orbax handler of the ``checksums`` item, hashing while the arrays are written.
-
-    Saved with :class:`ChecksumsSave`, whose ``compute()`` returns the item (see
-    :func:`compute`): the hashing runs in the item's commit future, beside the array
-    writes' commit futures, instead of before the save starts. The file is the one
-    ``JsonCheckpointHandler`` writes and reads back.
-    """
-
-    def __init__(self, filename: str = "metadata"):
-        super().__init__(filename)
-        self._file = filename
-
-    async def async_save(self, directory, item=None, args=None):
-        async def hash_and_write() -> None:
-            # An error is kept for the writer rather than raised here: Orbax would raise
-            # it before its other writers finish, and they would race the cleanup. The
-            # step then commits without checksums (its data is complete and restores).
-            try:
-                sums = args.compute()
-            except Exception as e:  # noqa: BLE001 - reported by the writer (ChecksumsSave)
-                args.error = e
-                sums = {"algorithm": ALGORITHM, "version": CHECKSUMS_VERSION}
-                sums[UNAVAILABLE] = f"computing them failed at save time: {e!r}"
-            if jax.process_index() == 0:
-                (directory / self._file).write_text(json.dumps(sums))
-
-        commit = ocp.future.CommitFutureAwaitingContractedSignals
-        return [commit(hash_and_write(), name="datarax_ckpt_checksums")]
-
-
-@ocp.args.register_with_handler(ChecksumsHandler, for_save=True)
-@dataclasses.dataclass
-class ChecksumsSave(ocp.args.CheckpointArgs):
-    """Saves the ``checksums`` item that ``compute()`` returns (called in the background).
-
-    If ``compute()`` raises, the item records why checksums are unavailable, the error
-    is kept in ``error``, and the writer reports it once the step has committed.
-    """
-
-    compute: Callable[[], dict]
-    error: Exception | None = None
-
-
-@ocp.args.register_with_handler(ChecksumsHandler, for_restore=True)
-@dataclasses.dataclass
-class ChecksumsRestore(ocp.args.CheckpointArgs):
-    """Reads the ``checksums`` item back (a dict).
-
-    Never passed by datarax_ckpt (it reads the file itself), but Orbax needs a handler's
-    save and restore args both registered to use the handler for saving at all.
-    """
+def unavailable(error: Exception) -> dict:
+    """The ``checksums`` item of a save whose hashing raised ``error`` (the step commits
+    without checksums: its data is complete and restores)."""
+    return {
+        "algorithm": ALGORITHM,
+        "version": CHECKSUMS_VERSION,
+        UNAVAILABLE: f"computing them failed at save time: {error!r}",
+    }
 
 
 def _pack_segments(manifest: dict) -> dict[str, list[tuple[int, int, int]]]:
@@ -226,16 +175,6 @@ def _pack_segments(manifest: dict) -> dict[str, list[tuple[int, int, int]]]:
 # --------------------------------------------------------------------------- full verify
 
 
-def default_item_handlers() -> dict[str, Any]:
-    """Orbax handlers able to read every item of a datarax_ckpt checkpoint."""
-    return {
-        # Orbax's handler with datarax_ckpt's host reads (_reading.AlignedHostArray),
-        # which wait for every TensorStore read before reporting a damaged one.
-        _layout.ITEM_STATE: _reading.state_handler(use_ocdbt=True, use_compression=True),
-        **{item: ocp.JsonCheckpointHandler() for item in _JSON_ITEMS},
-    }
-
-
 @contextlib.contextmanager
 def reading(structure: Structure) -> Iterator[None]:
     """Turns Orbax/TensorStore errors about damaged files into CheckpointCorruptedError."""
@@ -246,7 +185,7 @@ def reading(structure: Structure) -> Iterator[None]:
     except Exception as e:
         if not is_storage_error(e):
             raise
-        message = _first_line(e)
+        message = first_line(e)
         key = _key_named(f"{e}\n{message}", structure)
         file = structure.file_of(key) if key else None
         problem = Problem(
@@ -261,7 +200,7 @@ def reading(structure: Structure) -> Iterator[None]:
 
 def _key_named(text: str, structure: Structure) -> str | None:
     """The stored array an Orbax/TensorStore message is about (``"a0/0"``, ``.../a0/0``)."""
-    keys = _stored_keys(structure.manifest) if structure.manifest is not None else []
+    keys = stored_keys_of(structure.manifest) if structure.manifest is not None else []
     for key in sorted(keys, key=len, reverse=True):
         if re.search(rf'(^|["/]){re.escape(key)}/', text):
             return key
@@ -303,7 +242,7 @@ def _json_problem(structure: Structure, item: str, value: Any) -> Problem | None
     return Problem(
         "checksum_mismatch",
         f"content checksum mismatch of the {item} item (tree, Python scalars or metadata)",
-        f"{item}/{_JSON_FILE}",
+        f"{item}/{JSON_FILE}",
     )
 
 
@@ -336,7 +275,7 @@ def load_verified(
     Arrays with a checksum are read in their stored dtype and hashed before anything
     is returned (in host memory, or shard by shard in place for arrays spread over
     several CPU devices), then put on the requested sharding and cast to the requested
-    dtype (:func:`datarax_ckpt._reading.place`). The others (no record, ``structure``
+    dtype (:func:`datarax_ckpt._orbax.place`). The others (no record, ``structure``
     without checksums, or a sharding this process cannot hold whole) are read the
     ordinary way.
 
@@ -361,8 +300,8 @@ def load_verified(
             if key in checked:
                 hashing[key] = pool.submit(_compare, key, value, records.get(key), structure)
 
-        with _reading.on_read(hash_when_read):
-            loaded = _reading.read(
+        with _orbax.on_read(hash_when_read):
+            loaded = _orbax.read(
                 read, storage, stored={k: stored[k] for k in verified}, checked=checked
             )
         for key in verified:
@@ -371,7 +310,7 @@ def load_verified(
         problems = [p for p in (hashing[k].result() for k in verified) if p]
     if problems:
         raise corrupted(structure.path, problems)
-    return _reading.place(loaded, storage)
+    return _orbax.place(loaded, storage)
 
 
 def _read_files(structure: Structure, skip: set[str]) -> tuple[list[Problem], int]:
@@ -435,7 +374,7 @@ def verify(
     problems = list(structure.problems)
     notes = tuple(structure.notes)
     recorded = structure.checksums is not None
-    step = _step_of(path)
+    step = step_of(path)
     if not full or not path.is_dir():
         return VerifyReport(str(path), step, tuple(problems), recorded, full=False, notes=notes)
     skip = {p.file for p in problems if p.file}  # already found damaged: not read again
@@ -455,13 +394,10 @@ def verify(
         records = (structure.checksums or {}).get("arrays") or {}
         keys = [k for k in arrays if k not in damaged]
         sizes = {k: math.prod(s) * d.itemsize for k, (d, s) in arrays.items()}
-        handlers = dict(item_handlers or default_item_handlers())
-        checkpointer = ocp.Checkpointer(
-            ocp.CompositeCheckpointHandler(**{_layout.ITEM_STATE: handlers[_layout.ITEM_STATE]})
-        )
-        try:
+        handlers = dict(item_handlers or _orbax.item_handlers())
+        with _orbax.reader(path, {_layout.ITEM_STATE: handlers[_layout.ITEM_STATE]}) as read:
             for batch in _batches(keys, sizes):
-                for key, value in _read_arrays(checkpointer, path, batch, arrays, structure):
+                for key, value in _read_arrays(read, batch, arrays, structure):
                     if isinstance(value, Problem):
                         problems.append(value)
                         continue
@@ -471,47 +407,26 @@ def verify(
                             continue
                         checked += 1
                         nbytes += value.nbytes
-        finally:
-            checkpointer.close()
     return VerifyReport(
         str(path), step, tuple(problems), recorded, checked, nbytes, files, True, notes
     )
 
 
-def _read_arrays(checkpointer, path, keys, arrays, structure) -> Iterator[tuple[str, Any]]:
+def _read_arrays(read, keys, arrays, structure) -> Iterator[tuple[str, Any]]:
     """Yields ``(key, numpy array or Problem)``; retries one by one if a batch fails."""
-
-    def restore(batch: list[str]) -> dict:
-        item = {k: _reading.template(arrays[k][1], arrays[k][0]) for k in batch}
-        args = {
-            k: ocp.RestoreArgs(restore_type=_reading.AlignedHostArray, dtype=arrays[k][0])
-            for k in batch
-        }
-        restored = checkpointer.restore(
-            path,
-            args=ocp.args.Composite(
-                **{
-                    _layout.ITEM_STATE: ocp.args.PyTreeRestore(
-                        item, restore_args=args, partial_restore=True
-                    )
-                }
-            ),
-        )
-        return restored[_layout.ITEM_STATE]
-
     try:
-        loaded = restore(keys)
+        loaded = _orbax.read_host(read, {k: arrays[k] for k in keys})
     except Exception as e:  # noqa: BLE001 - damage of these arrays: find which, one at a time
         if len(keys) > 1:
             for key in keys:
-                yield from _read_arrays(checkpointer, path, [key], arrays, structure)
+                yield from _read_arrays(read, [key], arrays, structure)
             return
         key = keys[0]
         yield (
             key,
             Problem(
                 "unreadable_array",
-                f"Orbax could not read it: {_first_line(e)}",
+                f"Orbax could not read it: {first_line(e)}",
                 structure.file_of(key) or _layout.ITEM_STATE,
                 key,
                 structure.leaves(key),

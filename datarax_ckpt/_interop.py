@@ -14,9 +14,8 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from datarax_ckpt import _layout, _nnx
+from datarax_ckpt import _layout, _nnx, _orbax
 from datarax_ckpt._errors import (
     CheckpointExistsError,
     CheckpointFormatError,
@@ -116,9 +115,7 @@ def export_orbax(
     partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         if format == "orbax":
-            checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-            checkpointer.save(partial, args=ocp.args.StandardSave(tree))
-            checkpointer.close()
+            _orbax.save_standard(partial, tree)
         else:
             safetensors_numpy = _safetensors()
             partial.mkdir(parents=True)
@@ -301,35 +298,18 @@ def _read_step(folder: Path) -> tuple[Any, dict, int | None]:
     if export.is_file():
         doc = json.loads(export.read_text())
         if doc.get("format") == _EXPORT_FORMAT:
-            return _rebuild(_read_tree(folder), doc["leaves"], []), doc["metadata"], doc["step"]
+            return (
+                _rebuild(_orbax.read_pytree(folder), doc["leaves"], []),
+                doc["metadata"],
+                doc["step"],
+            )
     trees, jsons = _items(folder)
     metadata: dict[str, Any] = {"imported_from": str(folder)}
     for name, file in jsons.items():
         metadata[name] = json.loads(file.read_text())
-    read = {name: _read_tree(path) for name, path in trees.items()}
+    read = {name: _orbax.read_pytree(path) for name, path in trees.items()}
     state = next(iter(read.values())) if len(read) == 1 else read
     return state, metadata, None
-
-
-def _read_tree(path: Path) -> Any:
-    """Restores one PyTree item as saved: jax arrays on the default device, numpy as numpy."""
-    checkpointer = ocp.PyTreeCheckpointer()
-    # The handler's metadata, not the checkpointer's: no warning about the step's own file.
-    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def restore_args(meta: Any) -> ocp.RestoreArgs:
-        if isinstance(meta, ocp.metadata.ScalarMetadata):
-            return ocp.RestoreArgs()  # a Python int or float, as saved
-        if getattr(meta, "sharding", None) is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray)
-        # One device whatever the saving topology was: its devices may not exist here.
-        return ocp.ArrayRestoreArgs(sharding=device)
-
-    args = jax.tree.map(restore_args, tree)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-    checkpointer.close()
-    return restored
 
 
 def _rebuild(x: Any, leaves: dict, keys: list[str]) -> Any:

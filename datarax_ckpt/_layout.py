@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
 import stat
 import uuid
-from collections.abc import Iterator
 
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarax_ckpt import _s3, _safeio
+from datarax_ckpt import _s3
 from datarax_ckpt._errors import CheckpointError
 
 logger = logging.getLogger("datarax_ckpt")
@@ -24,10 +22,11 @@ BACKUP_SUFFIX = ".datarax-backup"
 # Retention moves a step here with one atomic rename before deleting it, so a process
 # killed mid-deletion never leaves a half-deleted ckpt-<step>/ that would be listed.
 TRASH = ".datarax-trash"
-_STEP_RE = re.compile(r"^ckpt-(0|[1-9]\d*)$")
+STEP_RE = re.compile(r"^ckpt-(0|[1-9]\d*)$")
 _TMP = ".orbax-checkpoint-tmp"  # in the names of Orbax's temporary folders
 _BACKUP_RE = re.compile(rf"^(ckpt-(?:0|[1-9]\d*)|{UNVERSIONED}){re.escape(BACKUP_SUFFIX)}$")
 
+# The Orbax items of a step (_orbax builds their handlers).
 ITEM_STATE = "state"
 ITEM_MANIFEST = "manifest"
 ITEM_METADATA = "metadata"
@@ -51,66 +50,6 @@ def exists(path: epath.Path) -> bool:
     return is_committed(path) if _s3.is_s3(path) else path.exists()
 
 
-@dataclasses.dataclass(frozen=True)
-class CkptNameFormat(ocp.step.NameFormat):
-    """Orbax ``NameFormat`` naming steps ``ckpt-<step>`` (uncommitted folders ignored)."""
-
-    def build_name(self, step: int) -> str:
-        return step_name(step)
-
-    def _metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
-        match = _STEP_RE.match(path.name)
-        if match is None or not is_committed(path):
-            return None
-        return ocp.step.Metadata(step=int(match.group(1)), path=path)
-
-    def _orbax_metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
-        # Orbax reads each listed step's metadata and metrics files: a step where that
-        # would block, exhaust memory or raise is left out of its view (restore and
-        # verify report it).
-        return self._metadata(path) if step_metadata_error(path) is None else None
-
-    def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.step.Metadata]:
-        base = epath.Path(base_path)
-        if not base.is_dir():
-            return iter([])
-        candidates = [p for p in base.iterdir() if _STEP_RE.match(p.name)]
-        return ocp.step.build_step_metadatas(candidates, self._orbax_metadata)
-
-    def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
-        metadata = self._metadata(epath.Path(base_path) / self.build_name(step))
-        if metadata is None:
-            raise ValueError(f"No committed {self.build_name(step)} under {base_path}.")
-        return metadata
-
-
-NAME_FORMAT = CkptNameFormat()
-
-
-def step_metadata_error(step: epath.Path) -> str | None:
-    """Why Orbax's CheckpointManager could not list ``step``, or None if it can.
-
-    It reads every listed step's ``_CHECKPOINT_METADATA`` when it starts and on each
-    reload: a FIFO there would block it, a huge file exhaust memory, and a JSON value of
-    the wrong type raise ``ValueError`` for every step of the directory.
-    """
-    if not _safeio.safe_to_list(step):
-        return "a step folder or metadata file that is a link, FIFO, device or too large"
-    try:
-        data = _safeio.read_json(step / "_CHECKPOINT_METADATA", _safeio.LISTED_BYTES)
-    except (OSError, ValueError):
-        return None  # missing or not JSON: Orbax logs it and lists the step anyway
-    try:
-        from orbax.checkpoint._src.metadata import step_metadata_serialization as orbax_step
-    except ImportError:  # pragma: no cover - another Orbax layout: no check
-        return None
-    try:
-        orbax_step.InternalCheckpointMetadata.deserialize(data)
-    except Exception as e:  # noqa: BLE001 - any error Orbax's listing would raise
-        return f"Orbax cannot read it: {str(e)[:200]}"
-    return None
-
-
 def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
     """``{step: folder}`` of the committed steps, ascending; reads only (for readers).
 
@@ -131,7 +70,7 @@ def step_folders(directory: epath.Path) -> dict[int, epath.Path]:
         backups: dict[int, epath.Path] = {}
         moved = False
         for child in directory.iterdir():
-            if match := _STEP_RE.match(child.name):
+            if match := STEP_RE.match(child.name):
                 found, step = steps, int(match.group(1))
             elif (match := _BACKUP_RE.match(child.name)) and match.group(1) != UNVERSIONED:
                 # A link named like a backup is not ours (clear_impostor): never read it.
@@ -282,7 +221,7 @@ def remove_unmarked(directory: epath.Path) -> None:
         return
     for child in directory.iterdir():
         name = child.name
-        if (_STEP_RE.match(name) or name == UNVERSIONED) and not is_committed(child):
+        if (STEP_RE.match(name) or name == UNVERSIONED) and not is_committed(child):
             logger.info("Removing %s: a save or deletion that did not finish.", child)
             _s3.delete_step(child)
 

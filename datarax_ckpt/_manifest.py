@@ -103,9 +103,10 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def walk(tree: Any) -> list[tuple[str, dict]]:
-    """``(tree path, node)`` of every leaf, depth first; iterative, so never a
-    RecursionError. Checks each container's fields and the depth on the way.
+def walk(tree: Any, *, containers: bool = False) -> list[tuple[str, dict]]:
+    """``(tree path, node)`` of every leaf (and with ``containers``, of every container
+    too, before its children), depth first; iterative, so never a RecursionError. Checks
+    each container's fields and the depth on the way. The root's path is ``<root>``.
 
     Raises:
         Invalid: for an unknown kind, a malformed container or nesting over MAX_DEPTH.
@@ -123,6 +124,8 @@ def walk(tree: Any) -> list[tuple[str, dict]]:
             continue
         if kind not in _CONTAINERS:
             raise Invalid(f"unknown node kind {kind[:40]!r} at {where}", leaf=where)
+        if containers:
+            out.append((where, node))
         if depth >= MAX_DEPTH:
             raise Invalid(
                 f"the tree is nested more than {MAX_DEPTH} levels deep (at {where[:200]})",

@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from datarax_ckpt import _manifest
 from datarax_ckpt._errors import CheckpointError, ProcessMismatchError, StructureMismatchError
 
 # As Orbax's default barrier timeout (orbax/checkpoint/_src/multihost/multihost.py).
@@ -191,34 +192,12 @@ def _digest(arrays: Mapping[str, Any], manifest: dict, metadata: dict, call: lis
     return h.hexdigest()
 
 
-def walk(manifest: dict) -> Iterator[tuple[str, dict]]:
-    """``(path, node)`` for every node of a manifest tree, paths as in error messages."""
-
-    def visit(node: dict, path: str) -> Iterator[tuple[str, dict]]:
-        yield path, node
-        kind = node["t"]
-        if kind == "obj":
-            yield from visit(node["c"], f"{path}.get_state()")
-        elif kind == "nnx":
-            yield from visit(node["c"], path)
-        elif kind == "dict":
-            for k, c in zip(node["k"], node["c"], strict=True):
-                yield from visit(c, f"{path}[{k!r}]")
-        elif kind in ("list", "tuple"):
-            for i, c in enumerate(node["c"]):
-                yield from visit(c, f"{path}[{i}]")
-        elif kind == "node":
-            for k, c in zip(node["k"], node["c"], strict=True):
-                yield from visit(c, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]")
-
-    yield from visit(manifest["tree"], "")
-
-
 def leaf_digests(arrays: Mapping[str, Any], manifest: dict) -> dict[str, str]:
     """A digest per tree node: its kind, keys and, for leaves, the bytes process 0 writes."""
     table, packs = manifest["slots"], manifest["packs"]
     out: dict[str, str] = {}
-    for path, node in walk(manifest):
+    for where, node in _manifest.walk(manifest["tree"], containers=True):
+        path = "" if where == "<root>" else where  # the root is above every other path
         shallow = {k: v for k, v in node.items() if k != "c"}
         chunks = [json.dumps(shallow, sort_keys=True).encode()]
         if "s" in node:
@@ -272,7 +251,7 @@ def _mismatch_error(where: str, payloads: list[dict]) -> ProcessMismatchError:
 
 def missing_target_error(manifest: dict, slot: int) -> StructureMismatchError:
     """The error for restoring a cross-process array with no target in a multi-process run."""
-    path = next((p for p, node in walk(manifest) if node.get("s") == slot), "?")
+    path = next((p for p, node in _manifest.walk(manifest["tree"]) if node.get("s") == slot), "?")
     return StructureMismatchError(
         f"Leaf {path or '<root>'} was saved as a jax.Array sharded across processes, and "
         f"this restore (process {jax.process_index()} of {jax.process_count()}) has no "

@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt import (
@@ -17,6 +16,8 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _manifest,
+    _orbax,
+    _report,
     _s3,
     _snapshot,
     _structure,
@@ -194,7 +195,7 @@ def _read_items(handle, path, target, metadata_only, verify=False, partial=False
     # entry of the folder, every JSON item read with a size limit), before allocating.
     structure = _structure.inspect(path, arrays=not metadata_only)
     if structure.problems:
-        raise _structure.corrupted(path, structure.problems)
+        raise _report.corrupted(path, structure.problems)
     if structure.checked is None:  # not ours, or a newer format version
         _manifest.check_format(structure.manifest, str(path))
     if not verify:
@@ -210,19 +211,12 @@ def _read_checked(handle, path, target, metadata_only, structure, partial) -> An
     if metadata_only:
         _integrity.check_json_item(structure, _layout.ITEM_METADATA, structure.metadata)
         return structure.metadata
-    # Through a plain Checkpointer, never the directory's CheckpointManager: creating a
-    # manager cleans up the directory, which only its writer may do (_writer_lock).
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handle.item_handlers()))
-    try:
-        return _read_through(checkpointer, path, target, metadata_only, structure, partial)
-    finally:
-        checkpointer.close()
+    # Through a plain Checkpointer, never the directory's CheckpointManager (_orbax.reader).
+    with _orbax.reader(path, handle.item_handlers()) as read:
+        return _read_through(read, target, structure, partial)
 
 
-def _read_through(checkpointer, path, target, metadata_only, structure, partial) -> Any:
-    def read(**items):
-        return checkpointer.restore(path, args=ocp.args.Composite(**items))
-
+def _read_through(read, target, structure, partial) -> Any:
     plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
     loaded = _integrity.load_verified(read, plan.storage, structure.checked.raw, structure)
@@ -232,7 +226,7 @@ def _read_through(checkpointer, path, target, metadata_only, structure, partial)
 # ------------------------------------------------------------------ verifying
 
 
-def verify(handle: _directory.Directory, step: int | None) -> _structure.VerifyReport:
+def verify(handle: _directory.Directory, step: int | None) -> _report.VerifyReport:
     """The body of ``OrbaxCheckpointHandler.verify``, run on the directory's worker.
 
     A step deleted by a writer while it is checked is not reported as damaged: with

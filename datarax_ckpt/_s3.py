@@ -5,7 +5,7 @@ Orbax drives the steps on ``s3://`` as it does on ``gs://``, with three addition
 
 * **Arrays** go through TensorStore's ``s3`` kvstore driver. Orbax builds TensorStore
   specs only for local paths and ``gs://`` (``tensorstore_utils.build_kvstore_tspec``
-  raises "Checkpoint path should be absolute" for ``s3://``). :func:`install` wraps that
+  raises "Checkpoint path should be absolute" for ``s3://``). ``_orbax.teach_s3_specs`` wraps that
   one function: an ``s3://`` directory is given to Orbax's own ``gs://`` builder (so the
   OCDBT options, read coalescing and per-process layout stay Orbax's) and every ``gcs``
   driver in the result becomes an ``s3`` driver with the endpoint and region below.
@@ -13,7 +13,7 @@ Orbax drives the steps on ``s3://`` as it does on ``gs://``, with three addition
 * **The commit protocol** is Orbax's own ``AtomicityMode.COMMIT_FILE`` (the one it uses
   on GCS): a step is written in place under ``ckpt-<step>/`` and ``commit_success.txt``
   is written last. Object stores have no atomic rename, so nothing is renamed.
-* **Retention** removes the commit marker first (:class:`MarkerFirstDeleter`), then
+* **Retention** removes the commit marker first (``_orbax.MarkerFirstDeleter``), then
   the rest of the step: a kill in between leaves an uncommitted step, never a listed
   step with missing objects.
 
@@ -28,12 +28,10 @@ not, so it is passed explicitly), the region from ``AWS_REGION`` or
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any
 
-import orbax.checkpoint as ocp
 from etils import epath
 
 from datarax_ckpt._errors import CheckpointPathError
@@ -84,45 +82,28 @@ def kvstore_url_spec(path: epath.Path) -> dict[str, Any]:
     return kvstore_spec(bucket, key + "/")
 
 
-def _to_s3(spec: Any) -> Any:
-    """``spec`` with every GCS kvstore driver replaced by the S3 driver (same bucket/key)."""
+def to_s3(spec: Any) -> Any:
+    """``spec`` with every GCS kvstore driver replaced by the S3 driver (same bucket/key;
+    for ``_orbax.teach_s3_specs``)."""
     if isinstance(spec, list):
-        return [_to_s3(s) for s in spec]
+        return [to_s3(s) for s in spec]
     if not isinstance(spec, dict):
         return spec
     if spec.get("driver") in _GCS_DRIVERS:
         rest = {k: v for k, v in spec.items() if k not in ("driver", "bucket", "path")}
         return {**kvstore_spec(spec["bucket"], spec.get("path", "")), **rest}
-    return {k: _to_s3(v) for k, v in spec.items()}
+    return {k: to_s3(v) for k, v in spec.items()}
 
 
 def install() -> None:
     """Readies this process for ``s3://`` (idempotent; other paths unchanged).
 
-    Teaches Orbax's TensorStore spec builder ``s3://`` (once) and makes sure the shared
-    S3 filesystem talks to the endpoint configured now. Called when a handler first opens
-    an ``s3://`` directory; never at import.
+    Makes sure the shared S3 filesystem talks to the endpoint configured now. Called when
+    a handler first opens an ``s3://`` directory; never at import. (Orbax's TensorStore
+    spec builder is taught ``s3://`` by ``_orbax.teach_s3_specs``, before Orbax touches
+    an ``s3://`` path.)
     """
-    _patch_orbax()
     _filesystem_for(endpoint())
-
-
-@functools.cache
-def _patch_orbax() -> None:
-    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-
-    original = ts_utils.build_kvstore_tspec
-
-    @functools.wraps(original)
-    def build_kvstore_tspec(directory, *args, **kwargs):
-        text = str(directory)
-        if not is_s3(text):
-            return original(directory, *args, **kwargs)
-        return _to_s3(original("gs://" + text[len(SCHEME) :], *args, **kwargs))
-
-    build_kvstore_tspec.datarax_s3 = True
-    if not getattr(original, "datarax_s3", False):
-        ts_utils.build_kvstore_tspec = build_kvstore_tspec
 
 
 _configured_endpoint: list[str | None] = []  # the endpoint the shared filesystem was made for
@@ -156,11 +137,6 @@ def _filesystem_for(url: str | None) -> None:
     fs.dircache.clear()
 
 
-def atomicity_options() -> ocp.options.AtomicityOptions:
-    """Orbax's commit-file protocol: write in place, ``commit_success.txt`` last."""
-    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
-
-
 def is_committed(path: epath.Path) -> bool:
     return (path / COMMIT_MARKER).exists()
 
@@ -181,40 +157,6 @@ def delete_step(path: epath.Path) -> None:
     """Removes a step: its commit marker first (it is no longer listed), then the rest."""
     (path / COMMIT_MARKER).unlink(missing_ok=True)
     path.rmtree(missing_ok=True)
-
-
-class MarkerFirstDeleter:
-    """Orbax ``CheckpointDeleter`` for ``s3://`` that deletes each step's marker first.
-
-    Orbax's own deleter removes a step with one recursive delete, in listing order: a
-    kill part-way could leave ``commit_success.txt`` beside missing objects, a step that
-    is listed but cannot be restored.
-    """
-
-    def __init__(self, directory: epath.Path, name_format: Any):
-        self._directory = directory
-        self._name_format = name_format
-
-    def delete(self, step: int) -> None:
-        if ocp.multihost.is_primary_host(0):
-            delete_step(self._directory / self._name_format.build_name(step))
-
-    def delete_steps(self, steps) -> None:
-        for step in steps:
-            self.delete(step)
-
-    def close(self) -> None:
-        pass
-
-
-def configure_manager(manager: ocp.CheckpointManager, directory: epath.Path) -> None:
-    """Makes retention of ``manager`` delete the commit marker first (see the class)."""
-    deleter = getattr(manager, "_checkpoint_deleter", None)
-    if deleter is None:  # a newer Orbax moved it: its deleter still works, less safely
-        logger.warning("Orbax's deleter not found; %s retention keeps Orbax's order.", directory)
-        return
-    deleter.close()
-    manager._checkpoint_deleter = MarkerFirstDeleter(directory, manager._step_name_format)
 
 
 def copy_step(src: epath.Path, dst: epath.Path) -> None:

@@ -82,7 +82,7 @@ class ArenaPool:
             for i, arena in enumerate(self._free):
                 if arena.nbytes == nbytes:
                     return self._free.pop(i)
-        return aligned_empty(nbytes, np.uint8)
+        return _hostcopy.aligned_empty(nbytes, np.uint8)
 
     def give(self, arena: np.ndarray | None) -> None:
         if arena is None or arena.nbytes == 0:
@@ -127,147 +127,176 @@ def capture(
         give back to ``pool`` once the arrays are no longer used), or None.
     """
     mode = resolve_snapshot_mode(snapshot)
-    table: list[dict] = []
-    jax_buckets: dict[tuple, tuple[dict[str, list[int]], list[int]]] = {}
-    np_groups: dict[tuple[str, int], list[int]] = {}  # (dtype, bin) -> slots
-    open_bins: dict[str, tuple[str, int]] = {}
-    bin_bytes: dict[tuple[str, int], int] = {}
-    np_large: list[int] = []
-    multiprocess = jax.process_count() > 1
-    # On a CPU backend, jax arrays live in host memory: a numpy memcpy copies them at
-    # ~2x the speed of an XLA copy (measured: 69 ms vs 144 ms for 256 MiB on 2 cores).
-    host_backend = jax.default_backend() == "cpu"
-    sizes: list[int] = []  # elements per slot
-    arrays: dict[str, Any] = {}
-    for i, slot in enumerate(slots):
-        value = slot.value
-        dtype, dtype_name, storable = _dtype_and_name(value.dtype)
-        if not storable:
-            raise _unstorable(slot.path, dtype)
-        shape = value.shape
-        table.append({"dtype": dtype_name, "shape": list(shape)})
-        sizes.append(math.prod(shape))
-        if sizes[i] == 0:
-            table[i]["empty"] = True
-            continue
-        small = sizes[i] * dtype.itemsize <= pack_threshold_bytes
-        if multiprocess and isinstance(value, jax.Array):
-            if value.is_fully_addressable:
-                # Host-local in a multi-process run (Orbax refuses these): stored like a
-                # numpy array, written once by process 0; the handler checks that every
-                # process holds the same value (_multihost.Coordinator.agree_to_save).
-                value = slot.value = np.asarray(value)
-            else:
-                table[i]["global"] = True  # restoring it in multi-process needs a target
-        if reuse is not None and not small and isinstance(value, jax.Array):
-            if reuse(f"a{i}", slot.path, value):
-                table[i]["key"] = f"a{i}"
-                arrays[f"a{i}"] = value
+    run = _Capture(slots)
+    run.sort(pack_threshold_bytes, reuse)
+    run.copy_on_devices(mode)
+    arena = run.copy_to_host(pool)
+    if run.host_backend and not run.multiprocess:
+        run.wrap_for_jax()
+    return run.arrays, run.table, run.packs, arena
+
+
+class _Capture:
+    """One capture, in the steps :func:`capture` runs: sort the slots (packed or alone,
+    on a device or in host memory), copy on the devices, copy to host memory, wrap."""
+
+    def __init__(self, slots: list[Slot]) -> None:
+        self.slots = slots
+        self.table: list[dict] = []
+        self.sizes: list[int] = []  # elements per slot
+        self.jax_buckets: dict[tuple, tuple[dict[str, list[int]], list[int]]] = {}
+        self.np_groups: dict[tuple[str, int], list[int]] = {}  # (dtype, bin) -> slots
+        self.np_large: list[int] = []
+        self.arrays: dict[str, Any] = {}
+        self.packs: list[dict] = []
+        self.multiprocess = jax.process_count() > 1
+        # On a CPU backend, jax arrays live in host memory: a numpy memcpy copies them at
+        # ~2x the speed of an XLA copy (measured: 69 ms vs 144 ms for 256 MiB on 2 cores).
+        self.host_backend = jax.default_backend() == "cpu"
+
+    def sort(self, pack_threshold_bytes: int, reuse: Callable | None = None) -> None:
+        """Records each slot in the table and says where it goes: a device pack or copy
+        (per set of devices), a host pack (per dtype, in bins) or a host copy."""
+        slots, table, sizes = self.slots, self.table, self.sizes
+        jax_buckets, np_groups, np_large = self.jax_buckets, self.np_groups, self.np_large
+        multiprocess, host_backend = self.multiprocess, self.host_backend
+        open_bins: dict[str, tuple[str, int]] = {}
+        bin_bytes: dict[tuple[str, int], int] = {}
+        for i, slot in enumerate(slots):
+            value = slot.value
+            dtype, dtype_name, storable = _dtype_and_name(value.dtype)
+            if not storable:
+                raise _unstorable(slot.path, dtype)
+            shape = value.shape
+            table.append({"dtype": dtype_name, "shape": list(shape)})
+            sizes.append(math.prod(shape))
+            if sizes[i] == 0:
+                table[i]["empty"] = True
                 continue
-        if isinstance(value, jax.Array) and not (host_backend and _single_cpu(value.sharding)):
-            devices = value.sharding.device_set
-            packable = small and value.is_fully_addressable and len(devices) == 1
-            bucket_key = tuple(sorted(d.id for d in devices))
-            groups, large = jax_buckets.setdefault(bucket_key, ({}, []))
-            if packable:
-                groups.setdefault(dtype_name, []).append(i)
+            small = sizes[i] * dtype.itemsize <= pack_threshold_bytes
+            if multiprocess and isinstance(value, jax.Array):
+                if value.is_fully_addressable:
+                    # Host-local in a multi-process run (Orbax refuses these): stored like a
+                    # numpy array, written once by process 0; the handler checks that every
+                    # process holds the same value (_multihost.Coordinator.agree_to_save).
+                    value = slot.value = np.asarray(value)
+                else:
+                    table[i]["global"] = True  # restoring it in multi-process needs a target
+            if reuse is not None and not small and isinstance(value, jax.Array):
+                if reuse(f"a{i}", slot.path, value):
+                    table[i]["key"] = f"a{i}"
+                    self.arrays[f"a{i}"] = value
+                    continue
+            if isinstance(value, jax.Array) and not (host_backend and _single_cpu(value.sharding)):
+                devices = value.sharding.device_set
+                packable = small and value.is_fully_addressable and len(devices) == 1
+                bucket_key = tuple(sorted(d.id for d in devices))
+                groups, large = jax_buckets.setdefault(bucket_key, ({}, []))
+                if packable:
+                    groups.setdefault(dtype_name, []).append(i)
+                else:
+                    large.append(i)
+            elif small:
+                nbytes = sizes[i] * dtype.itemsize
+                bin_key = open_bins.get(dtype_name, (dtype_name, 0))
+                if bin_bytes.get(bin_key, 0) + nbytes > PACK_BIN_BYTES and bin_key in np_groups:
+                    bin_key = (dtype_name, bin_key[1] + 1)
+                open_bins[dtype_name] = bin_key
+                bin_bytes[bin_key] = bin_bytes.get(bin_key, 0) + nbytes
+                np_groups.setdefault(bin_key, []).append(i)
             else:
-                large.append(i)
-        elif small:
-            nbytes = sizes[i] * dtype.itemsize
-            bin_key = open_bins.get(dtype_name, (dtype_name, 0))
-            if bin_bytes.get(bin_key, 0) + nbytes > PACK_BIN_BYTES and bin_key in np_groups:
-                bin_key = (dtype_name, bin_key[1] + 1)
-            open_bins[dtype_name] = bin_key
-            bin_bytes[bin_key] = bin_bytes.get(bin_key, 0) + nbytes
-            np_groups.setdefault(bin_key, []).append(i)
-        else:
-            np_large.append(i)
+                np_large.append(i)
 
-    packs: list[dict] = []
-
-    def add_pack(dtype_name: str, idxs: list[int], buffer: Any, lib: str) -> None:
+    def add_pack(self, dtype_name: str, idxs: list[int], buffer: Any, lib: str) -> None:
         offset = 0
         for i in idxs:
-            table[i]["pack"] = len(packs)
-            table[i]["offset"] = offset
-            offset += sizes[i]
-        key = f"p{len(packs)}"
-        packs.append({"key": key, "dtype": dtype_name, "size": offset, "lib": lib})
-        arrays[key] = buffer
+            self.table[i]["pack"] = len(self.packs)
+            self.table[i]["offset"] = offset
+            offset += self.sizes[i]
+        key = f"p{len(self.packs)}"
+        self.packs.append({"key": key, "dtype": dtype_name, "size": offset, "lib": lib})
+        self.arrays[key] = buffer
 
-    try:
-        for groups, large in jax_buckets.values():
-            names = list(groups)
-            packed, copies = _device_snapshot(
-                [[slots[i].value for i in groups[n]] for n in names],
-                [slots[i].value for i in large],
-                copy_large=mode == "device",
-            )
-            if mode == "host":
-                host = _to_host(packed + [slots[i].value for i in large])
-                packed, copies = host[: len(packed)], host[len(packed) :]
-            for name, buffer in zip(names, packed, strict=True):
-                add_pack(name, groups[name], buffer, "jax")
-            for i, copy in zip(large, copies, strict=True):
-                table[i]["key"] = f"a{i}"
-                arrays[f"a{i}"] = copy
-        jax.block_until_ready([v for v in arrays.values() if isinstance(v, jax.Array)])
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-            nbytes = sum(s.value.nbytes for s in slots if isinstance(s.value, jax.Array))
-            raise DeviceMemoryError(
-                f"The {mode} snapshot of the state ({nbytes / 2**20:.1f} MiB of arrays) did "
-                "not fit in memory. Use CheckpointOptions(snapshot='host') to copy straight "
-                "to host memory, or free device memory."
-            ) from e
-        raise
-    # Host copies: one buffer per dtype for small leaves, one per large leaf, all carved
-    # 64-byte aligned from one arena (reused from save to save through ``pool``).
-    own = host_backend and not multiprocess
-    group_sizes = {key: sum(sizes[i] for i in idxs) for key, idxs in np_groups.items()}
-    arena_bytes = sum(
-        _round_up(n * jnp.dtype(name).itemsize) for (name, _), n in group_sizes.items()
-    )
-    arena_bytes += sum(_round_up(slots[i].value.nbytes) for i in np_large)
-    arena = (
-        (pool.take(arena_bytes) if pool else aligned_empty(arena_bytes, np.uint8))
-        if (arena_bytes)
-        else None
-    )
-    cursor = 0
+    def copy_on_devices(self, mode: str) -> None:
+        """Packs and copies the slots on devices (then, in "host" mode, to host memory)."""
+        try:
+            for groups, large in self.jax_buckets.values():
+                names = list(groups)
+                packed, copies = _device_snapshot(
+                    [[self.slots[i].value for i in groups[n]] for n in names],
+                    [self.slots[i].value for i in large],
+                    copy_large=mode == "device",
+                )
+                if mode == "host":
+                    host = _to_host(packed + [self.slots[i].value for i in large])
+                    packed, copies = host[: len(packed)], host[len(packed) :]
+                for name, buffer in zip(names, packed, strict=True):
+                    self.add_pack(name, groups[name], buffer, "jax")
+                for i, copy in zip(large, copies, strict=True):
+                    self.table[i]["key"] = f"a{i}"
+                    self.arrays[f"a{i}"] = copy
+            jax.block_until_ready([v for v in self.arrays.values() if isinstance(v, jax.Array)])
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                nbytes = sum(s.value.nbytes for s in self.slots if isinstance(s.value, jax.Array))
+                raise DeviceMemoryError(
+                    f"The {mode} snapshot of the state ({nbytes / 2**20:.1f} MiB of arrays) did "
+                    "not fit in memory. Use CheckpointOptions(snapshot='host') to copy straight "
+                    "to host memory, or free device memory."
+                ) from e
+            raise
 
-    def carve(size: int, dtype: Any) -> np.ndarray:
-        nonlocal cursor
-        dtype = jnp.dtype(dtype)
-        view = arena[cursor : cursor + size * dtype.itemsize].view(dtype)
-        cursor += _round_up(size * dtype.itemsize)
-        return view
+    def copy_to_host(self, pool: ArenaPool | None) -> np.ndarray | None:
+        """Copies the host-packed and host-stored slots; returns the arena holding them."""
+        # Host copies: one buffer per dtype for small leaves, one per large leaf, all carved
+        # 64-byte aligned from one arena (reused from save to save through ``pool``).
+        group_sizes = {
+            key: sum(self.sizes[i] for i in idxs) for key, idxs in self.np_groups.items()
+        }
+        arena_bytes = sum(
+            _round_up(n * jnp.dtype(name).itemsize) for (name, _), n in group_sizes.items()
+        )
+        arena_bytes += sum(_round_up(self.slots[i].value.nbytes) for i in self.np_large)
+        arena = (
+            (pool.take(arena_bytes) if pool else _hostcopy.aligned_empty(arena_bytes, np.uint8))
+            if (arena_bytes)
+            else None
+        )
+        cursor = 0
 
-    copies = []  # (destination, sources): done together, on several threads
-    for (name, _), idxs in np_groups.items():
-        buffer = carve(group_sizes[(name, _)], name)
-        copies.append((buffer, [np.asarray(slots[i].value) for i in idxs]))
-        add_pack(name, idxs, buffer, "host")
-    for i in np_large:
-        source = np.asarray(slots[i].value)
-        buffer = carve(source.size, source.dtype)
-        copies.append((buffer, [source]))
-        table[i]["key"] = f"a{i}"
-        arrays[f"a{i}"] = buffer.reshape(source.shape)
-    _hostcopy.gather(copies)
-    if own:
+        def carve(size: int, dtype: Any) -> np.ndarray:
+            nonlocal cursor
+            dtype = jnp.dtype(dtype)
+            view = arena[cursor : cursor + size * dtype.itemsize].view(dtype)
+            cursor += _round_up(size * dtype.itemsize)
+            return view
+
+        copies = []  # (destination, sources): done together, on several threads
+        for (name, _), idxs in self.np_groups.items():
+            buffer = carve(group_sizes[(name, _)], name)
+            copies.append((buffer, [np.asarray(self.slots[i].value) for i in idxs]))
+            self.add_pack(name, idxs, buffer, "host")
+        for i in self.np_large:
+            source = np.asarray(self.slots[i].value)
+            buffer = carve(source.size, source.dtype)
+            copies.append((buffer, [source]))
+            self.table[i]["key"] = f"a{i}"
+            self.arrays[f"a{i}"] = buffer.reshape(source.shape)
+        _hostcopy.gather(copies)
+        return arena
+
+    def wrap_for_jax(self) -> None:
+        """CPU, one process: host copies become jax arrays without a copy."""
         # Wrap as jax.Arrays without a copy (one batched call), so Orbax does not deep-copy
         # them as it does numpy leaves. Not for dtypes jax would narrow (float64 without x64).
         keys = [
             k
-            for k, v in arrays.items()
+            for k, v in self.arrays.items()
             if isinstance(v, np.ndarray) and jax.dtypes.canonicalize_dtype(v.dtype) == v.dtype
         ]
         cpu = jax.local_devices(backend="cpu")[0]
-        for k, v in zip(keys, jax.device_put([arrays[k] for k in keys], cpu), strict=True):
-            arrays[k] = v
-    return arrays, table, packs, arena
+        for k, v in zip(keys, jax.device_put([self.arrays[k] for k in keys], cpu), strict=True):
+            self.arrays[k] = v
 
 
 # Per-leaf work is what a 2000-leaf state pays for: dtype names and sharding checks are
@@ -308,14 +337,6 @@ def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
     )
 
 
-def aligned_empty(size: int, dtype: Any, align: int = 64) -> np.ndarray:
-    """A 1-D array whose data is ``align``-byte aligned (XLA wraps those without a copy)."""
-    dtype = np.dtype(dtype)
-    raw = np.empty(size * dtype.itemsize + align, np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start : start + size * dtype.itemsize].view(dtype)
-
-
 def default_device() -> jax.Device:
     """Where leaves restored without a target go: ``jax.default_device`` if set, else the
     first local device of the default backend."""
@@ -333,7 +354,7 @@ def nbytes(arrays: Mapping[str, Any]) -> int:
 def read_specs(
     manifest: dict, requests: Mapping[int, Any]
 ) -> tuple[dict[str, StoredSpec], Callable[[Mapping[str, Any]], list]]:
-    """Plans reading the stored arrays that ``requests`` (slot -> _LeafRequest) need.
+    """Plans reading the stored arrays that ``requests`` (slot -> _planning.LeafRequest) need.
 
     Returns:
         ``(storage, materialize)``: the stored arrays to read with their specs, and a

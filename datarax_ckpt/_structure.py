@@ -1,4 +1,5 @@
-"""What a checkpoint folder holds: its leaves, a quick structural check, and problem reports.
+"""What a checkpoint folder holds: its leaves and the quick structural check (reports:
+``_report``).
 
 The quick check (commit marker, every file the OCDBT database refers to present and long
 enough) runs before every restore; :mod:`datarax_ckpt._integrity` adds content checksums.
@@ -7,181 +8,23 @@ enough) runs before every restore; :mod:`datarax_ckpt._integrity` adds content c
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
 
-from datarax_ckpt import _layout, _manifest, _s3, _safeio
-from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
+from datarax_ckpt import _layout, _manifest, _orbax, _s3, _safeio
+from datarax_ckpt._errors import CheckpointError
 from datarax_ckpt._manifest import leaf_table as leaf_table  # for the CLI and tests
 from datarax_ckpt._manifest import leaves_by_key, stored_arrays
+from datarax_ckpt._report import Problem, first_line, is_storage_error
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into every committed step folder
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 # Key of a checksums item whose checksums could not be computed at save time (the reason).
 UNAVAILABLE = "unavailable"
-_JSON_FILE = "metadata"  # the file name Orbax's JsonCheckpointHandler writes in its item folder
+JSON_FILE = "metadata"  # the file name Orbax's JsonCheckpointHandler writes in its item folder
 _JSON_ITEMS = (_layout.ITEM_MANIFEST, _layout.ITEM_METADATA, _layout.ITEM_CHECKSUMS)
-
-_STORAGE_ERROR = re.compile(
-    r"(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|UNAVAILABLE)"
-    r"[^\n]*(Error reading|Error opening|does not exist|Not enough data|Requested byte range"
-    r"|checksum|corrupt|Failed to decode|Error decoding)",
-    re.IGNORECASE,
-)
-
-
-def _first_line(error: BaseException) -> str:
-    """The most specific message in an exception chain (TensorStore's own, if any)."""
-    chain, seen = [], set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    for exc in reversed(chain):
-        text = str(exc).strip()
-        if text:
-            return text.splitlines()[0][:400]
-    return type(error).__name__
-
-
-def is_storage_error(error: BaseException) -> bool:
-    """True if ``error`` (or its cause) says a file is damaged, missing or unreadable."""
-    current: BaseException | None = error
-    seen = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, CheckpointError):
-            return False
-        if isinstance(current, OSError | json.JSONDecodeError | UnicodeDecodeError):
-            return True
-        if _STORAGE_ERROR.search(str(current)):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-# --------------------------------------------------------------------------- manifest views
-
-
-# --------------------------------------------------------------------------- reports
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a checkpoint.
-
-    Attributes:
-        kind: ``"not_committed"``, ``"missing_file"``, ``"truncated_file"``,
-            ``"unreadable_file"``, ``"missing_item"``, ``"checksum_mismatch"``,
-            ``"missing_checksum"``, ``"unreadable_array"``, ``"unsafe_entry"`` (a
-            symlink, FIFO, socket or device, never opened) or ``"invalid_manifest"``
-            (a manifest that cannot describe the stored data).
-        message: What is wrong, in words.
-        file: The file concerned, relative to the checkpoint folder, if known.
-        key: The stored array concerned (Orbax key such as ``"p0"`` or ``"a3"``).
-        leaves: Tree paths of the logical leaves whose data is affected.
-    """
-
-    kind: str
-    message: str
-    file: str | None = None
-    key: str | None = None
-    leaves: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        where = f"{self.file}: " if self.file else ""
-        text = f"{where}{self.message}"
-        if self.key is not None:
-            shown = ", ".join(self.leaves[:5]) + (" ..." if len(self.leaves) > 5 else "")
-            text += f" [stored array {self.key!r}; leaves: {shown or 'none'}]"
-        return text
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyReport:
-    """The result of checking one checkpoint folder.
-
-    Attributes:
-        path: The checkpoint folder (``.../ckpt-<step>`` or ``.../checkpoint``).
-        step: Its step, or None for the unversioned checkpoint.
-        problems: Everything found wrong; empty when the checkpoint is intact.
-        checksums_recorded: False for checkpoints written without checksums (then
-            the data could be re-read but not compared).
-        arrays_checked: Stored arrays re-read and compared with their checksum.
-        bytes_checked: Their bytes.
-        files_checked: Files under the folder read from start to end.
-        full: False for the quick check (commit marker and files present, no reading).
-        notes: Remarks that are not damage, e.g. ``"no checksums recorded"``.
-
-    Example:
-        >>> report = VerifyReport(path="run/ckpt-1", step=1, problems=())
-        >>> report.ok
-        True
-    """
-
-    path: str
-    step: int | None
-    problems: tuple[Problem, ...]
-    checksums_recorded: bool = True
-    arrays_checked: int = 0
-    bytes_checked: int = 0
-    files_checked: int = 0
-    full: bool = True
-    notes: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.problems
-
-    def raise_if_corrupted(self) -> None:
-        """Raises :class:`~datarax_ckpt.CheckpointCorruptedError` unless ``ok``."""
-        if self.problems:
-            raise CheckpointCorruptedError(_describe(self.path, self.problems), report=self)
-
-    def to_dict(self) -> dict:
-        """A JSON-serializable form (``datarax-ckpt verify --json``)."""
-        out = dataclasses.asdict(self)
-        out["ok"] = self.ok
-        return out
-
-    def __str__(self) -> str:
-        if self.ok:
-            n = self.arrays_checked
-            done = (
-                f"{n} array{'' if n == 1 else 's'} ({self.bytes_checked / 2**20:.2f} MiB) "
-                "compared with their checksums"
-                if self.full
-                else "quick check"
-            )
-            notes = "".join(f"; {n}" for n in self.notes)
-            return f"{self.path}: intact ({done}){notes}"
-        return _describe(self.path, self.problems)
-
-
-def _describe(path: str, problems: tuple[Problem, ...] | list[Problem]) -> str:
-    lines = [f"Checkpoint {path} is corrupted or incomplete ({len(problems)} problem(s)):"]
-    lines += [f"  - {p}" for p in problems[:20]]
-    if len(problems) > 20:
-        lines.append(f"  - ... and {len(problems) - 20} more")
-    return "\n".join(lines)
-
-
-def corrupted(path: epath.Path, problems: list[Problem]) -> CheckpointCorruptedError:
-    """The error for ``problems`` found in the checkpoint folder ``path``."""
-    report = VerifyReport(path=str(path), step=_step_of(path), problems=tuple(problems), full=False)
-    return CheckpointCorruptedError(_describe(str(path), problems), report=report)
-
-
-def _step_of(path: epath.Path) -> int | None:
-    name = path.name
-    return int(name[len(_layout.STEP_PREFIX) :]) if _layout._STEP_RE.match(name) else None
-
 
 # --------------------------------------------------------------------------- structure
 
@@ -239,11 +82,23 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
         problems.append(Problem("missing_file", "the checkpoint folder does not exist", "."))
         return Structure(path, problems, set())
     structure = Structure(path, problems, set())
+    if not _check_entries(structure):
+        return structure
+    _read_items(structure)
+    _check_manifest(structure, arrays)
+    if arrays and structure.checked is not None and structure.checked.stored:
+        _inspect_state(structure)
+    return structure
+
+
+def _check_entries(structure: Structure) -> bool:
+    """Scans the folder (unsafe entries, commit marker); False if nothing more can be read."""
+    path, problems = structure.path, structure.problems
     try:
         structure.scan = _safeio.scan(path)
     except OSError as e:
         problems.append(Problem("unreadable_file", f"cannot be listed: {e}", "."))
-        return structure
+        return False
     for rel, what in sorted(structure.scan.unsafe.items()):
         problems.append(
             Problem(
@@ -253,7 +108,7 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
             )
         )
     if "." in structure.scan.unsafe:
-        return structure
+        return False
     if ".orbax-checkpoint-tmp" in path.name or not _layout.is_committed(path):
         problems.append(Problem("not_committed", "a temporary folder of an unfinished save", "."))
     elif COMMIT_MARKER not in structure.scan.files and COMMIT_MARKER not in structure.scan.unsafe:
@@ -265,11 +120,17 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
                 COMMIT_MARKER,
             )
         )
+    return True
+
+
+def _read_items(structure: Structure) -> None:
+    """Reads Orbax's step metadata and the JSON items (manifest, metadata, checksums)."""
+    path, problems = structure.path, structure.problems
     try:
         structure.checkpoint_metadata = _read_json(structure, CHECKPOINT_METADATA)
         handlers = structure.checkpoint_metadata.get("item_handlers") or {}
         structure.items = set(handlers) if isinstance(handlers, dict) else set()
-        if (reason := _layout.step_metadata_error(path)) is not None:
+        if (reason := _orbax.step_metadata_error(path)) is not None:
             problems.append(Problem("unreadable_file", reason, CHECKPOINT_METADATA))
     except _safeio.UnsafeEntryError:
         pass  # reported by the scan
@@ -284,7 +145,7 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
     # Our item folders count even where Orbax's record of them was damaged.
     structure.items |= {i for i in _JSON_ITEMS + (_layout.ITEM_STATE,) if i in structure.scan.dirs}
     for item in sorted(structure.items & set(_JSON_ITEMS)):
-        file = f"{item}/{_JSON_FILE}"
+        file = f"{item}/{JSON_FILE}"
         try:
             setattr(structure, item, _read_json(structure, file))
         except _safeio.UnsafeEntryError:
@@ -304,14 +165,10 @@ def inspect(path: epath.Path, *, arrays: bool = True) -> Structure:
             Problem("unreadable_file", "the checksums item is not a JSON object", _CHECKSUMS_FILE)
         )
         structure.checksums = None
-    _check_manifest(structure, arrays)
-    if arrays and structure.checked is not None and structure.checked.stored:
-        _inspect_state(structure)
-    return structure
 
 
-_CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/{_JSON_FILE}"
-_MANIFEST_FILE = f"{_layout.ITEM_MANIFEST}/{_JSON_FILE}"
+_CHECKSUMS_FILE = f"{_layout.ITEM_CHECKSUMS}/{JSON_FILE}"
+_MANIFEST_FILE = f"{_layout.ITEM_MANIFEST}/{JSON_FILE}"
 
 
 def _check_manifest(structure: Structure, arrays: bool) -> None:
@@ -371,7 +228,7 @@ def _check_manifest(structure: Structure, arrays: bool) -> None:
         structure.problems.append(Problem(e.kind, str(e), _MANIFEST_FILE, e.key, leaves))
 
 
-def _stored_keys(manifest: dict) -> list[str]:
+def stored_keys_of(manifest: dict) -> list[str]:
     try:
         return list(stored_arrays(manifest))
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -465,12 +322,12 @@ def _inspect_ocdbt(structure: Structure, state: epath.Path) -> None:
         return
     except Exception as e:  # noqa: BLE001 - classified below
         if not is_storage_error(e):  # e.g. a filesystem TensorStore cannot list: no verdict
-            structure.notes.append(f"data files not listed: {_first_line(e)}")
+            structure.notes.append(f"data files not listed: {first_line(e)}")
             return
         problems.append(
             Problem(
                 "unreadable_file",
-                f"the OCDBT index cannot be read: {_first_line(e)}",
+                f"the OCDBT index cannot be read: {first_line(e)}",
                 f"{_layout.ITEM_STATE}/manifest.ocdbt",
             )
         )

@@ -6,7 +6,6 @@ import datetime
 import json
 import logging
 import os
-import signal
 import sys
 import uuid
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 from etils import epath
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,184 +21,27 @@ from datarax_ckpt import (
     _integrity,
     _layout,
     _manifest,
+    _report,
     _s3,
-    _safeio,
     _structure,
     _writer_lock,
 )
-from datarax_ckpt._errors import CheckpointError, CheckpointPathError
-
-EXIT_DAMAGED = 1  # verify found a corrupt or incomplete checkpoint
-EXIT_USAGE = 2  # bad arguments, or not a checkpoint directory
-EXIT_CANCELLED = 3  # the user answered no (or nothing) to a question
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
-
-app = typer.Typer(
-    name="datarax-ckpt",
-    help=(
-        "Look after datarax_ckpt checkpoint directories from the shell.\n\n"
-        "A checkpoint directory (the DIR you pass to handler.save) holds one ckpt-<step>/ "
-        "folder per step and possibly an unversioned checkpoint/ folder.\n\n"
-        "Start with `datarax-ckpt ls DIR`, then `datarax-ckpt show DIR` to see what a step "
-        "holds and `datarax-ckpt verify DIR --all` to check every file against the "
-        "checksums recorded at save time. `export` and `import` move checkpoints to and "
-        "from plain Orbax.\n\n"
-        "Exit status: 0 success, 1 damage found, 2 bad arguments or not a checkpoint "
-        "directory, 3 cancelled at a prompt, 130 interrupted (Ctrl-C)."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+from datarax_ckpt._cli_common import EXIT_CANCELLED as EXIT_CANCELLED
+from datarax_ckpt._cli_common import EXIT_DAMAGED as EXIT_DAMAGED
+from datarax_ckpt._cli_common import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from datarax_ckpt._cli_common import EXIT_USAGE as EXIT_USAGE
+from datarax_ckpt._cli_common import (
+    DirArg,
+    JsonOpt,
+    err,
+    fail,
+    list_folders,
+    out,
+    pick,
 )
-
-out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
-
-
-def _directory_arg(value: str) -> Path:
-    """A local path, or an ``s3://``/``gs://`` URL kept whole (pathlib would merge ``//``)."""
-    if _s3.is_s3(value):
-        _s3.check_path(value)  # also teaches Orbax's TensorStore specs s3://
-    return epath.Path(value) if "://" in value else Path(value)
-
-
-DirArg = Annotated[
-    Path,
-    typer.Argument(
-        metavar="DIR",
-        parser=_directory_arg,
-        help="The checkpoint directory (holding ckpt-<step>/ folders).",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead.")]
-
-
-class _Interrupted(BaseException):
-    """Ctrl-C, raised past click, which would report KeyboardInterrupt as status 1."""
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    raise _Interrupted
-
-
-def main() -> None:
-    """Entry point of the ``datarax-ckpt`` console script."""
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
-    try:
-        app()
-    except _Interrupted:
-        err.print("Interrupted.")
-        sys.exit(EXIT_INTERRUPTED)
-
-
-def _version(value: bool) -> None:
-    if value:
-        from datarax_ckpt import __version__
-
-        out.print(f"datarax-ckpt {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _options(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    pass
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _folders(directory: Path) -> list[tuple[str, int | None, Path]]:
-    """``(label, step, folder)`` of every checkpoint folder, steps ascending, then others."""
-    if not directory.exists():
-        raise _fail(f"{directory} does not exist.")
-    if not directory.is_dir():
-        raise _fail(f"{directory} is a file, not a checkpoint directory.")
-    try:
-        _safeio.check_utf8(directory.absolute())
-    except CheckpointPathError as e:
-        raise _fail(str(e)) from None
-    steps, others = [], []
-    for child in directory.iterdir():
-        name = child.name
-        if not child.is_dir():
-            continue
-        match = _layout._STEP_RE.match(name)
-        if match:
-            steps.append((name, int(match.group(1)), child))
-        elif name == _layout.UNVERSIONED:
-            others.append((name, None, child))
-        elif ".orbax-checkpoint-tmp" in name and (
-            name.startswith(_layout.STEP_PREFIX) or name.startswith(_layout.UNVERSIONED)
-        ):
-            others.append((name, None, child))
-    if not steps and not others:
-        from datarax_ckpt import _interop
-
-        raw = _interop.orbax_checkpoints(directory)
-        if raw:
-            what = "checkpoint folder" if raw[0][0] is None else "checkpoint directory"
-            steps = ", ".join(str(s) for s, _ in raw[:8] if s is not None)
-            raise _fail(
-                f"{directory} is a raw Orbax {what}{f' (steps {steps})' if steps else ''}, "
-                f"not a datarax_ckpt one. Bring it in with "
-                f"`datarax-ckpt import {directory} NEW_DIR`."
-            )
-        hint = ""
-        inner = [
-            child
-            for child in sorted(directory.iterdir())
-            if child.is_dir()
-            and any(
-                _layout._STEP_RE.match(c.name) or c.name == _layout.UNVERSIONED
-                for c in child.iterdir()
-                if c.is_dir()
-            )
-        ]
-        if (directory / _structure.CHECKPOINT_METADATA).exists():
-            hint = (
-                f" It looks like one checkpoint folder: pass its parent instead, e.g. "
-                f"`datarax-ckpt show {directory.parent} --step N`."
-            )
-        elif inner:
-            names = ", ".join(str(c) for c in inner[:5])
-            hint = f" These subfolders hold checkpoints: {names}."
-        raise _fail(
-            f"{directory} is not a datarax_ckpt checkpoint directory: it holds no "
-            f"ckpt-<step>/ folder and no {_layout.UNVERSIONED}/ folder.{hint}"
-        )
-    return sorted(steps, key=lambda e: e[1]) + sorted(others, key=lambda e: e[0])
-
-
-def _pick(directory: Path, step: int | None) -> tuple[str, int | None, Path]:
-    """The folder ``show``/``verify`` work on: ``--step N``, else the latest step."""
-    folders = _folders(directory)
-    steps = [e for e in folders if e[1] is not None]
-    if step is not None:
-        for entry in steps:
-            if entry[1] == step:
-                return entry
-        raise _fail(
-            f"{directory} has no step {step}. Steps: {[e[1] for e in steps] or 'none'} "
-            "(see `datarax-ckpt ls`)."
-        )
-    if steps:
-        return steps[-1]
-    unversioned = [e for e in folders if e[0] == _layout.UNVERSIONED]
-    if unversioned:
-        return unversioned[0]
-    raise _fail(f"{directory} holds only unfinished saves; see `datarax-ckpt ls {directory}`.")
+from datarax_ckpt._cli_common import app as app
+from datarax_ckpt._cli_common import main as main
+from datarax_ckpt._errors import CheckpointError
 
 
 def _size(folder: Path) -> int:
@@ -303,7 +144,7 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
     writer = _writer_lock.holder(directory)
     writer = writer if _writer_lock.is_alive(writer) else None
     rows = []
-    for label, step, folder in _folders(directory):
+    for label, step, folder in list_folders(directory):
         try:
             row = _ls_row(label, step, folder, writer)
         except OSError:
@@ -362,7 +203,7 @@ def show(
     marks an array an incremental save did not write again (a hard link to that step's
     files: the step folder still holds it).
     """
-    label, step, folder = _pick(directory, step)
+    label, step, folder = pick(directory, step)
     structure = _structure.inspect(folder)
     if structure.checked is None:  # missing, not ours, newer, or failed validation
         problems = "; ".join(str(p) for p in structure.problems)
@@ -371,7 +212,7 @@ def show(
                 _manifest.check_format(structure.manifest, str(folder))
             except CheckpointError as e:
                 problems = str(e).rstrip(".")
-        raise _fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
+        raise fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
     leaves = _structure.leaf_table(structure.checked)
     linked = _incremental.linked_arrays(structure.checksums)
     plain, rich = _status(structure, label)
@@ -466,11 +307,11 @@ def verify(
     only when everything checked is intact.
     """
     if all_ and step is not None:
-        raise _fail("Pass either --step N or --all, not both.")
+        raise fail("Pass either --step N or --all, not both.")
     if all_:
-        targets = [e for e in _folders(directory) if ".orbax-checkpoint-tmp" not in e[0]]
+        targets = [e for e in list_folders(directory) if ".orbax-checkpoint-tmp" not in e[0]]
     else:
-        targets = [_pick(directory, step)]
+        targets = [pick(directory, step)]
     reports = [_integrity.verify(folder) for _, _, folder in targets]
     if as_json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
@@ -484,7 +325,7 @@ def verify(
         raise typer.Exit(EXIT_DAMAGED)
 
 
-def _print_report(label: str, report: _structure.VerifyReport) -> None:
+def _print_report(label: str, report: _report.VerifyReport) -> None:
     if report.ok:
         detail = (
             f"{report.arrays_checked} arrays ({_human(report.bytes_checked)}) match their "
@@ -518,14 +359,14 @@ def rm(
     no exits with status 3 and deletes nothing.
     """
     if (step is None) == (not unversioned):
-        raise _fail("Pass either --step N or --unversioned (for checkpoint/).")
+        raise fail("Pass either --step N or --unversioned (for checkpoint/).")
     if unversioned:
         label, folder = _layout.UNVERSIONED, directory / _layout.UNVERSIONED
         if not folder.is_dir():
-            _folders(directory)  # explains a directory that is not a checkpoint directory
-            raise _fail(f"{directory} has no {_layout.UNVERSIONED}/ folder.")
+            list_folders(directory)  # explains a directory that is not a checkpoint directory
+            raise fail(f"{directory} has no {_layout.UNVERSIONED}/ folder.")
     else:
-        label, _, folder = _pick(directory, step)
+        label, _, folder = pick(directory, step)
     if not yes and not _confirm(f"Delete {folder} ({_human(_size(folder))})?"):
         err.print("Cancelled; nothing deleted.")
         raise typer.Exit(EXIT_CANCELLED)
@@ -564,7 +405,7 @@ def demo(ctx: typer.Context) -> None:
     except ModuleNotFoundError as e:
         if e.name != "datarax_ckpt.demo":
             raise
-        raise _fail("This installation has no datarax_ckpt.demo module.") from e
+        raise fail("This installation has no datarax_ckpt.demo module.") from e
     args = ["--help" if a == "--help-demo" else a for a in ctx.args]
     code = demo_module.main(args)
     raise typer.Exit(code if isinstance(code, int) else 0)
@@ -596,18 +437,18 @@ def bench(
         try:
             import benchmarks
         except ModuleNotFoundError:
-            raise _fail(
+            raise fail(
                 "The benchmarks package is not importable: it lives in the source checkout "
                 "(benchmarks/ beside pyproject.toml), not in the installed package. Run this "
                 "from the repository root after `pip install -e .`."
             ) from e
     if not hasattr(benchmarks, "run"):
-        raise _fail("benchmarks.run is missing: this checkout's benchmarks/ is incomplete.")
+        raise fail("benchmarks.run is missing: this checkout's benchmarks/ is incomplete.")
     checkout = Path(benchmarks.__file__).resolve().parent.parent
     if not config.is_file() and not config.is_absolute() and (checkout / config).is_file():
         config = checkout / config  # a relative config of the checkout, run from elsewhere
     if not config.is_file():
-        raise _fail(
+        raise fail(
             f"Benchmark config {config} does not exist. The configs live in configs/bench/ of "
             "the source checkout, e.g. `datarax-ckpt bench configs/bench/cpu-smoke.toml`."
         )
@@ -617,10 +458,10 @@ def bench(
     try:
         benchmarks.run(config, out_dir)
     except FileNotFoundError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     except Exception as e:
         if type(e).__name__ == "ConfigError":
-            raise _fail(str(e)) from e
+            raise fail(str(e)) from e
         raise
     out.print(f"Results in {escape(str(out_dir))}/results.md")
 

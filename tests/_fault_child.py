@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path import async_path, deleter
 
-from datarax_ckpt import OrbaxCheckpointHandler, _linking, _snapshot
+from datarax_ckpt import OrbaxCheckpointHandler, _linking, _snapshot, _writing
 
 REACHED = "kill point reached:"  # written to the log just before the kill
 
@@ -47,7 +47,7 @@ _HOOKS = {
     # the arrays were copied, the manifest not yet built
     "capture.copied": [(_snapshot, "capture", True)],
     # the worker starts the write: the save is queued, nothing on disk
-    "write.enter": [(OrbaxCheckpointHandler, "_write", False)],
+    "write.enter": [(_writing, "write", False)],
     # array writes scheduled in the tmp folder; dies after delay_ms
     "write.arrays": [(ocp.PyTreeCheckpointHandler, "async_save", True)],
     # a JSON item (manifest/metadata) was written in the tmp folder

@@ -1,4 +1,5 @@
-"""Strict JAX for the whole test suite, as Equinox does; a local S3 server for test_s3."""
+"""Strict JAX for the whole test suite, as Equinox does; the shared ``handler`` fixture;
+a local S3 server for test_s3."""
 
 import itertools
 import os
@@ -12,6 +13,16 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 
 _buckets = itertools.count()
+
+
+@pytest.fixture
+def handler():
+    """An ``OrbaxCheckpointHandler`` with default options, closed after the test (a test
+    file that needs other options defines its own ``handler``)."""
+    from datarax_ckpt import OrbaxCheckpointHandler
+
+    with OrbaxCheckpointHandler() as h:
+        yield h
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from datarax_ckpt import OrbaxCheckpointHandler, StructureMismatchError
-
-
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
+from datarax_ckpt import StructureMismatchError
 
 
 def make_state():

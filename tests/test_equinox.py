@@ -7,13 +7,7 @@ import optax
 import pytest
 from _trees import assert_identical
 
-from datarax_ckpt import OrbaxCheckpointHandler, StructureMismatchError
-
-
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
+from datarax_ckpt import StructureMismatchError
 
 
 class Model(eqx.Module):

@@ -7,9 +7,6 @@ import textwrap
 
 import grain
 import numpy as np
-import pytest
-
-from datarax_ckpt import OrbaxCheckpointHandler
 
 PIPELINE = """
 import grain
@@ -67,12 +64,6 @@ def test_iterator_resumes_the_exact_next_batch_in_a_new_process(tmp_path):
     uninterrupted = list(namespace["pipeline"]())
     assert int(step) == 5
     assert json.loads(batches) == [b.tolist() for b in uninterrupted[5:8]]
-
-
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
 
 
 def test_data_loader_iterator_resumes(handler, tmp_path):

@@ -50,12 +50,6 @@ def listing(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
-
-
 # ------------------------------------------------------------------ saving and layout
 
 
@@ -106,7 +100,7 @@ def test_steps_are_managed_by_one_orbax_manager_per_directory(handler, tmp_path)
     assert len(managers) == 2
     assert all(isinstance(m, ocp.CheckpointManager) for m in managers.values())
     # A raw Orbax manager with the same name format sees our steps.
-    from datarax_ckpt._layout import NAME_FORMAT
+    from datarax_ckpt._orbax import NAME_FORMAT
 
     raw = ocp.CheckpointManager(
         tmp_path / "a", options=ocp.CheckpointManagerOptions(step_name_format=NAME_FORMAT)
@@ -261,7 +255,7 @@ def test_missing_or_empty_directory_raises(handler, tmp_path):
 
 
 def test_a_raw_orbax_folder_is_not_a_datarax_checkpoint(handler, tmp_path):
-    from datarax_ckpt._layout import NAME_FORMAT
+    from datarax_ckpt._orbax import NAME_FORMAT
 
     raw = ocp.CheckpointManager(
         tmp_path, options=ocp.CheckpointManagerOptions(step_name_format=NAME_FORMAT)

@@ -314,14 +314,14 @@ def test_docstring_examples_run(tmp_path, monkeypatch):
 def test_verified_restore_hashes_each_array_as_its_read_completes(handler, tmp_path, monkeypatch):
     # Hashing overlaps the remaining reads: every array read whole is handed to the
     # hashing threads from inside the read, and hashed exactly once.
-    from datarax_ckpt import _reading
+    from datarax_ckpt import _orbax
 
     rng = np.random.default_rng(3)
     state = {f"w{i}": jnp.asarray(rng.standard_normal(300_000), jnp.float32) for i in range(3)}
     state["small"] = [jnp.asarray(rng.standard_normal(8), jnp.float32) for _ in range(4)]
     handler.save(tmp_path, state, step=1)
     events = []
-    real_read, real_on_read, real_compare = _reading.read, _reading.on_read, _integrity._compare
+    real_read, real_on_read, real_compare = _orbax.read, _orbax.on_read, _integrity._compare
 
     def read(*args, **kwargs):
         out = real_read(*args, **kwargs)
@@ -335,8 +335,8 @@ def test_verified_restore_hashes_each_array_as_its_read_completes(handler, tmp_p
         events.append(f"hash {key}")
         return real_compare(key, *args)
 
-    monkeypatch.setattr(_reading, "read", read)
-    monkeypatch.setattr(_reading, "on_read", on_read)
+    monkeypatch.setattr(_orbax, "read", read)
+    monkeypatch.setattr(_orbax, "on_read", on_read)
     monkeypatch.setattr(_integrity, "_compare", compare)
     restored = handler.restore(tmp_path, verify=True)
     assert_identical(restored, state)

@@ -4,17 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-import pytest
 from _trees import assert_identical
 from flax.training import train_state
-
-from datarax_ckpt import OrbaxCheckpointHandler
-
-
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
 
 
 class MLP(nn.Module):

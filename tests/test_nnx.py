@@ -11,13 +11,7 @@ import pytest
 from _trees import assert_identical
 from flax import nnx
 
-from datarax_ckpt import OrbaxCheckpointHandler, StructureMismatchError, serialization
-
-
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
+from datarax_ckpt import StructureMismatchError, serialization
 
 
 class TwoLayerMLP(nnx.Module):

@@ -6,14 +6,6 @@ import optax
 import pytest
 from _trees import assert_identical
 
-from datarax_ckpt import OrbaxCheckpointHandler
-
-
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
-
 
 def schedule():
     return optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=20)

@@ -14,12 +14,6 @@ from flax import nnx
 from datarax_ckpt import CheckpointCorruptedError, OrbaxCheckpointHandler, StructureMismatchError
 
 
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
-
-
 def model_and_optimizer():
     params = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.ones(64)}
     tx = optax.adamw(1e-3)

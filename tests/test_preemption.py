@@ -26,12 +26,6 @@ def _state(step: int) -> dict:
     return {"w": jnp.full((4,), float(step)), "step": step}
 
 
-@pytest.fixture
-def handler():
-    with OrbaxCheckpointHandler() as h:
-        yield h
-
-
 # --------------------------------------------------------------------------- in this process
 
 

@@ -1,4 +1,4 @@
-"""_reading: restores land in 64-byte-aligned host memory that jax adopts without a copy."""
+"""Reads through _orbax: restores land in 64-byte-aligned memory jax adopts without a copy."""
 
 import functools
 
