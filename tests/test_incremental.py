@@ -426,3 +426,17 @@ def test_an_array_that_stops_changing_is_linked_again(tmp_path):
         assert_identical(handler.restore(tmp_path, step=5)["adapter"], adapter(3))
     linked = [bool(records(tmp_path / f"ckpt-{s}")["a0"].get("linked")) for s in range(6)]
     assert linked == [False, False, False, False, False, True]
+
+
+def test_multi_process_incremental_saves_are_full_saves_that_restore(tmp_path):
+    """In a jax.distributed run (2 processes x 2 CPU devices) incremental saves do not
+    link (each process would have to agree on every decision): they save in full, and
+    every step restores bit-exactly on every process."""
+    from test_multiprocess import launch
+
+    directory = tmp_path / "ckpts"
+    directory.mkdir()
+    for result in launch("incremental", 2, 2, directory):
+        assert result["steps"] == [2, 3]
+        assert result["restored"] == [] and result["frozen_same"] is True
+        assert result["linked"] == []
