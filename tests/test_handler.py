@@ -96,6 +96,8 @@ def test_steps_are_managed_by_one_orbax_manager_per_directory(handler, tmp_path)
     handler.save(tmp_path / "b", {"s": 1}, step=1)
     handler.save(tmp_path / "a", {"s": 2}, step=2)
     handler.wait_until_finished()
+    # Internals on purpose: which object writes the steps (Orbax's manager, one per
+    # directory) is the design this test pins, and no public call shows it.
     managers = {k: d._manager for k, d in handler._directories.items()}
     assert len(managers) == 2
     assert all(isinstance(m, ocp.CheckpointManager) for m in managers.values())
@@ -464,8 +466,11 @@ def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
     h.save(tmp_path, {"a": 2}, step=2)
     with pytest.raises(OSError, match="injected") as info:
         if surface == "next_save":
+            # Internals on purpose: the failure must have happened before the next
+            # save() for this case, and the public wait (wait_until_finished) would
+            # itself surface it.
             for directory in h._directories.values():
-                directory.drain()  # let the failure happen before the next call
+                directory.drain()
             h.save(tmp_path, {"a": 3}, step=3)
         elif surface == "next_listing":
             h.get_checkpoint_steps(tmp_path)
