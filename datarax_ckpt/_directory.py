@@ -85,6 +85,7 @@ class Directory:
         self._manager: Any = None  # an Orbax CheckpointManager
         self.coordinator = _multihost.Coordinator(str(path))
         self.writer: _writer_lock.WriterLock | None = None
+        self.incremental: Any = None  # an _incremental.Tracker, set by the handler
         _orbax.prepare(path)
 
     def claim(self) -> None:
@@ -101,7 +102,7 @@ class Directory:
 
     def item_handlers(self) -> dict[str, Any]:
         return _orbax.item_handlers(
-            use_ocdbt=self.options.use_ocdbt, use_compression=self.options.use_compression
+            use_ocdbt=self.options.ocdbt, use_compression=self.options.use_compression
         )
 
     def manager(self, keep: int | None | EllipsisType = ...) -> Any:
