@@ -20,6 +20,7 @@ on the 2-core VM).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -74,6 +75,7 @@ def main() -> None:
     manager.close()
     ours.close()
     incremental.close()
+    shutil.rmtree(root)
 
     floor = statistics.median(times["orbax tiny"])
     print(f"frozen state: {args.mb} MiB in 8 leaves; {args.repeats} rounds, round-robin")
