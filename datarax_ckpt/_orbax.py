@@ -545,7 +545,7 @@ def create_manager(
             async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
         ),
         item_handlers=item_handlers(
-            use_ocdbt=options.use_ocdbt, use_compression=options.use_compression
+            use_ocdbt=options.ocdbt, use_compression=options.use_compression
         ),
     )
     # Orbax removes stale temporary folders in the background; finish that now so

@@ -582,3 +582,18 @@ def test_skip_policy_drops_saves_when_the_queue_is_full(tmp_path, caplog, monkey
     assert results[0] is not None and results[1:] == [None, None, None]
     assert steps == [0]
     assert sum("Skipped the save" in r.message for r in caplog.records) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "ocdbt"),
+    [({}, True), ({"use_ocdbt": False}, False), ({"incremental": True}, False)],
+)
+def test_the_state_item_layout_follows_the_options(tmp_path, options, ocdbt):
+    # OCDBT by default (Orbax's default: few files per step); one folder per stored array
+    # when asked for, or with incremental saves (which hard-link those folders).
+    with OrbaxCheckpointHandler(**options) as h:
+        h.save(tmp_path, {"w": np.arange(1 << 18, dtype=np.float32)}, step=1)
+    state = tmp_path / "ckpt-1" / "state"
+    assert (state / "manifest.ocdbt").exists() == ocdbt
+    per_array = [p.name for p in state.iterdir() if p.is_dir() and p.name in ("a0", "p0")]
+    assert bool(per_array) != ocdbt
