@@ -9,15 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-#: Systems that can be compared. ``datarax_ckpt`` is this project's handler; ``orbax`` is a raw
+#: Systems that can be compared. ``datarax_ckpt`` is this project's handler;
+#: ``datarax_ckpt_incremental`` the same with ``incremental=True``; ``orbax`` is a raw
 #: ``ocp.CheckpointManager`` with default options; ``torch_dcp`` is PyTorch DCP ``async_save``.
-SYSTEMS = ("datarax_ckpt", "orbax", "torch_dcp")
+SYSTEMS = ("datarax_ckpt", "orbax", "torch_dcp", "datarax_ckpt_incremental")
 
 #: Physical floors. ``pinned_d2h`` and ``d2d`` are measured only on an accelerator backend.
 FLOORS = ("memcpy", "disk_write_fsync", "page_cache_read", "pinned_d2h", "d2d")
 
 #: State shapes: N equal leaves of a total size, a GPT-2-shaped training state, many small leaves.
-CASE_KINDS = ("equal", "gpt2", "many_small")
+CASE_KINDS = ("equal", "gpt2", "many_small", "finetune")
 
 DTYPES = ("float32", "bfloat16", "float16", "float64", "int32", "int8", "uint8")
 
@@ -74,6 +75,11 @@ class CaseConfig:
         layers: ``gpt2`` only: transformer blocks (12 for GPT-2 small).
         param_dtype: ``gpt2`` only: dtype of the parameters (bf16 by default).
         moment_dtype: ``gpt2`` only: dtype of the Adam moments (f32 by default).
+        trainable_mb: ``finetune`` only: MiB of f32 trainable arrays (default 16), saved
+            with Adam moments of the same size; the frozen bf16 base is ``size_mb``
+            (default 1024). Each save changes the trainable part and its moments only.
+        changing: Each save changes every array (two variants, alternating), as after an
+            optimizer step; False saves the same arrays again (a frozen state).
         repeats: Overrides the run's ``repeats`` for this case when set.
         where: Location used in error messages, e.g. ``"x.toml: cases[1]"``.
     """
@@ -88,6 +94,8 @@ class CaseConfig:
     layers: int = 12
     param_dtype: str = "bfloat16"
     moment_dtype: str = "float32"
+    trainable_mb: float | None = None
+    changing: bool = False
     repeats: int | None = None
     where: str = dataclasses.field(default="case", compare=False, repr=False)
 
@@ -107,6 +115,13 @@ class CaseConfig:
             if self.num_leaves is None:
                 object.__setattr__(self, "num_leaves", 8)
             _check_count(f"{w}.num_leaves", self.num_leaves, 1)
+        elif self.kind == "finetune":
+            if self.size_mb is None:
+                object.__setattr__(self, "size_mb", 1024)
+            if self.trainable_mb is None:
+                object.__setattr__(self, "trainable_mb", 16)
+            _check_positive(f"{w}.size_mb", self.size_mb)
+            _check_positive(f"{w}.trainable_mb", self.trainable_mb)
         elif self.kind == "many_small":
             if self.num_leaves is None:
                 object.__setattr__(self, "num_leaves", 2000)
@@ -119,6 +134,8 @@ class CaseConfig:
             if self.width_scale > 1:
                 raise _fail(f"{w}.width_scale", f"must be at most 1, got {self.width_scale!r}")
             _check_count(f"{w}.layers", self.layers, 1)
+        if not isinstance(self.changing, bool):
+            raise _fail(f"{w}.changing", f"must be true or false, got {self.changing!r}")
         if not self.name:
             object.__setattr__(self, "name", self._default_name())
 
@@ -128,9 +145,12 @@ class CaseConfig:
             return f"equal-{size}-x{self.num_leaves}"
         if self.kind == "many_small":
             return f"many-{self.num_leaves}x{self.leaf_kib:g}KiB"
+        if self.kind == "finetune":
+            return f"finetune-{self.size_mb:g}MiB+{self.trainable_mb:g}MiB"
         scale = "" if self.width_scale == 1 else f"-w{self.width_scale:g}"
         layers = "" if self.layers == 12 else f"-L{self.layers}"
-        return f"gpt2-small{scale}{layers}"
+        changing = "-changing" if self.changing else ""
+        return f"gpt2-small{scale}{layers}{changing}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,13 @@ class BenchState:
     num_leaves: int
     description: str
     notes: list[str]
+    # The state saved at each step, for states that change between saves: ``(tree,
+    # orbax_tree)`` of ``step``. None saves ``tree`` every time.
+    at_step: Any = None
+
+    def trees(self, step: int) -> tuple[Any, Any]:
+        """``(tree, orbax_tree)`` saved at ``step``."""
+        return self.at_step(step) if self.at_step is not None else (self.tree, self.orbax_tree)
 
 
 class _Filler:
@@ -156,7 +163,10 @@ def build_state(case: CaseConfig, seed: int) -> BenchState:
     fill = _Filler(seed)
     itemsize = jnp.dtype(case.dtype).itemsize
     notes: list[str] = []
-    if case.kind == "equal":
+    at_step = None
+    if case.kind == "finetune":
+        tree, desc, at_step = _finetune_state(case, fill)
+    elif case.kind == "equal":
         per_leaf = max(1, int(case.size_mb * MIB) // itemsize // case.num_leaves)
         tree = {f"leaf_{i:03d}": fill((per_leaf,), case.dtype) for i in range(case.num_leaves)}
         desc = f"{case.num_leaves} equal {case.dtype} leaves of {per_leaf * itemsize / MIB:g} MiB"
@@ -167,6 +177,9 @@ def build_state(case: CaseConfig, seed: int) -> BenchState:
     else:
         tree, desc = _gpt2_state(case, fill, seed)
         notes.append(ORBAX_VARIANT_NOTE)
+    if case.changing and at_step is None:
+        at_step = _alternating(tree)
+        desc += "; every array changes at every save (two variants, alternating)"
     return BenchState(
         tree=tree,
         orbax_tree=orbax_variant(tree),
@@ -174,4 +187,46 @@ def build_state(case: CaseConfig, seed: int) -> BenchState:
         num_leaves=len(jax.tree.leaves(tree)),
         description=desc,
         notes=notes,
+        at_step=at_step,
     )
+
+
+def _alternating(tree: Any) -> Any:
+    """``at_step`` giving ``tree`` at even steps and ``tree`` + 1 at odd steps."""
+
+    def bump(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.block_until_ready(x + jnp.ones((), x.dtype))
+        return x
+
+    variants = [(t, orbax_variant(t)) for t in (tree, jax.tree.map(bump, tree))]
+    return lambda step: variants[step % 2]
+
+
+def _finetune_state(case: CaseConfig, fill: _Filler) -> tuple[dict, str, Any]:
+    """A frozen bf16 base of ``size_mb`` in 64 MiB kernels, and f32 trainable arrays of
+    ``trainable_mb`` (4 MiB each) with Adam moments; at each step only the trainable part
+    and its moments change (two variants, alternating: consecutive steps always differ)."""
+    base_leaves = max(1, round(case.size_mb / 64))
+    per_base = int(case.size_mb * MIB) // 2 // base_leaves
+    base = {f"layer_{i:02d}": {"kernel": fill((per_base,), "bfloat16")} for i in range(base_leaves)}
+    n_train = max(1, round(case.trainable_mb / 4))
+    per_train = int(case.trainable_mb * MIB) // 4 // n_train
+
+    def trainable() -> dict:
+        return {f"lora_{i}": fill((per_train,), "float32") for i in range(n_train)}
+
+    variants = []
+    for _ in range(2):
+        tree = {
+            "base": base,
+            "trainable": trainable(),
+            "opt_state": {"count": 1000, "mu": trainable(), "nu": trainable()},
+        }
+        variants.append((tree, orbax_variant(tree)))
+    desc = (
+        f"fine-tuning: a frozen bf16 base of {case.size_mb:g} MiB ({base_leaves} kernels) and "
+        f"{case.trainable_mb:g} MiB of f32 trainable arrays ({n_train}) with Adam mu/nu "
+        f"({3 * case.trainable_mb:g} MiB change at every save; the base is the same arrays)"
+    )
+    return variants[0][0], desc, lambda step: variants[step % 2]

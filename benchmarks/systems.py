@@ -67,18 +67,21 @@ class OursAdapter(Adapter):
 
     name = "datarax_ckpt"
     has_metadata_restore = True
+    options: dict[str, Any] = {}
 
     def __init__(self, state: BenchState, directory: Path) -> None:
         try:
             from datarax_ckpt import OrbaxCheckpointHandler
         except ImportError as e:
             raise Unavailable(f"datarax_ckpt is not importable: {e}") from e
+        self._state = state
         self._tree = state.tree
         self._dir = directory
-        self._handler = OrbaxCheckpointHandler()
+        self._handler = OrbaxCheckpointHandler(**self.options)
         self._paths: dict[int, Path] = {}
 
     def save(self, step: int) -> None:
+        self._tree = self._state.trees(step)[0]
         path = self._handler.save(self._dir, self._tree, step=step, metadata={"step": step})
         self._paths[step] = Path(path)
 
@@ -101,6 +104,14 @@ class OursAdapter(Adapter):
         self._handler.close()
 
 
+class OursIncrementalAdapter(OursAdapter):
+    """``datarax_ckpt.OrbaxCheckpointHandler(incremental=True)``."""
+
+    name = "datarax_ckpt_incremental"
+    options = {"incremental": True}
+    state_note = "the full state; unchanged arrays hard-linked from the previous step"
+
+
 class OrbaxAdapter(Adapter):
     """Raw ``ocp.CheckpointManager`` with default options: StandardSave/StandardRestore, async."""
 
@@ -110,6 +121,7 @@ class OrbaxAdapter(Adapter):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._state = state
         self._tree = state.orbax_tree
         self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._tree)
         self._dir = directory
@@ -118,6 +130,7 @@ class OrbaxAdapter(Adapter):
             self.state_note = "the state minus str leaves, typed keys as key data"
 
     def save(self, step: int) -> None:
+        self._tree = self._state.trees(step)[1]
         if not self._manager.save(step, args=self._ocp.args.StandardSave(self._tree)):
             raise RuntimeError(f"orbax declined to save step {step}")
 
@@ -215,6 +228,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "datarax_ckpt": OursAdapter,
     "orbax": OrbaxAdapter,
     "torch_dcp": TorchDCPAdapter,
+    "datarax_ckpt_incremental": OursIncrementalAdapter,
 }
 
 

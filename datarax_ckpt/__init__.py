@@ -10,6 +10,7 @@ from datarax_ckpt._errors import CheckpointNotADirectoryError as CheckpointNotAD
 from datarax_ckpt._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from datarax_ckpt._errors import CheckpointPathError as CheckpointPathError
 from datarax_ckpt._errors import DeviceMemoryError as DeviceMemoryError
+from datarax_ckpt._errors import IncrementalUnsupportedError as IncrementalUnsupportedError
 from datarax_ckpt._errors import NestingTooDeepError as NestingTooDeepError
 from datarax_ckpt._errors import ProcessMismatchError as ProcessMismatchError
 from datarax_ckpt._errors import StepOrderError as StepOrderError
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointPathError",
     "Checkpointable",
     "DeviceMemoryError",
+    "IncrementalUnsupportedError",
     "NestingTooDeepError",
     "OrbaxCheckpointHandler",
     "PathLike",

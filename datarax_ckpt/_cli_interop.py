@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from datarax_ckpt import _interop
+from datarax_ckpt import _incremental, _integrity, _interop
 from datarax_ckpt._cli_common import EXIT_DAMAGED, DirArg, app, fail, list_folders, out, pick
-from datarax_ckpt._errors import CheckpointCorruptedError
+from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
 
 
 @app.command("export")
@@ -59,6 +59,36 @@ def export(
             f"Read it with: ocp.StandardCheckpointer().restore({str(path)!r})",
             soft_wrap=True,
         )
+
+
+@app.command("copy")
+def copy(
+    directory: DirArg,
+    out_dir: Annotated[
+        Path, typer.Argument(metavar="OUT", help="The checkpoint directory to copy into.")
+    ],
+    step: Annotated[
+        int | None, typer.Option("--step", "-s", help="The step (default: the latest).")
+    ] = None,
+) -> None:
+    """Copy one step into OUT as a standalone step, and verify the copy.
+
+    Every file is copied, including the arrays an incremental save linked from earlier
+    steps, so OUT/ckpt-N shares nothing with DIR and restores on any machine.
+    """
+    label, _, folder = pick(directory, step)
+    try:
+        copied = _incremental.copy_step(folder, out_dir)
+    except (OSError, CheckpointError) as e:
+        raise fail(str(e)) from e
+    report = _integrity.verify(copied)
+    if not report.ok:
+        raise fail(f"The copy {copied} does not verify: {report}", EXIT_DAMAGED)
+    out.print(
+        f"Copied {escape(label)} of {escape(str(directory))} to {escape(str(copied))} "
+        f"(standalone, verified: {report.arrays_checked} arrays).",
+        soft_wrap=True,
+    )
 
 
 @app.command("import")

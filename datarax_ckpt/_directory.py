@@ -88,6 +88,7 @@ class Directory:
         self.restore_arena = _arena.RestoreArena()  # host memory of restores, reused
         self.coordinator = _multihost.Coordinator(str(path))
         self.writer: _writer_lock.WriterLock | None = None
+        self.incremental: Any = None  # an _incremental.Tracker, set by the handler
         _orbax.prepare(path)
 
     def claim(self) -> None:
@@ -104,7 +105,7 @@ class Directory:
 
     def item_handlers(self) -> dict[str, Any]:
         return _orbax.item_handlers(
-            use_ocdbt=self.options.use_ocdbt, use_compression=self.options.use_compression
+            use_ocdbt=self.options.ocdbt, use_compression=self.options.use_compression
         )
 
     def state_reader(self) -> Any:

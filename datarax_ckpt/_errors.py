@@ -67,6 +67,10 @@ class NestingTooDeepError(CheckpointError, ValueError):
     """A state or metadata nests containers deeper than ``MAX_DEPTH`` levels."""
 
 
+class IncrementalUnsupportedError(CheckpointError, ValueError):
+    """``CheckpointOptions(incremental=True)`` on storage without hard links (``s3://``)."""
+
+
 class BackgroundSaveError(CheckpointError, ExceptionGroup):
     """Several background saves failed before a call could report them: all of them.
 

@@ -18,6 +18,7 @@ from datarax_ckpt import (
     _directory,
     _follow,
     _hostcopy,
+    _incremental,
     _layout,
     _orbax,
     _report,
@@ -242,6 +243,8 @@ class OrbaxCheckpointHandler:
         _validate.flag("force", force)
         metadata = _validate.metadata(metadata)
         _orbax.metrics(self.options, metadata)  # a bad keep_best metric: before writing
+        if self.options.incremental:  # before the path is looked at (s3:// would connect)
+            _incremental.check_supported(directory)
         path = _validate.save_directory(directory)
         name = _layout.step_name(step)
         with self._lock_for(capture):
@@ -260,11 +263,13 @@ class OrbaxCheckpointHandler:
                         f"{path / name} already exists. Pass overwrite=True to replace it, or "
                         "save under a new step."
                     )
+                reuse = handle.incremental.capture() if handle.incremental else None
                 arrays, manifest, arena = serialization.encode_and_capture(
                     target,
                     pack_threshold_bytes=self.options.pack_threshold_bytes,
                     snapshot=self.options.snapshot,
                     pool=handle.pool,
+                    reuse=reuse,
                 )
                 capture.end()
                 handle.claim()  # one writer per directory; after the checks, before writing
@@ -287,8 +292,11 @@ class OrbaxCheckpointHandler:
                     len(handle.pending),
                 )
                 return None
+            if handle.incremental:
+                handle.incremental.accept(reuse)
+            objects = reuse.objects if reuse else {}
             future = handle.run(
-                _writing.write, handle, step, arrays, manifest, metadata, keep, overwrite
+                _writing.write, handle, step, arrays, manifest, metadata, keep, overwrite, objects
             )
             pending = _directory.Pending(future, nbytes, name, arena)
             with self._state:
@@ -630,6 +638,8 @@ class OrbaxCheckpointHandler:
         handle = self._directories.get(key)
         if handle is None:
             handle = self._directories[key] = _directory.Directory(path, self.options)
+            if self.options.incremental:
+                handle.incremental = _incremental.Tracker()
         return handle
 
     def _enter(self, path: epath.Path) -> _directory.Directory:

@@ -97,7 +97,13 @@ def hash_json(value: Any) -> str:
     return xxhash.xxh3_64_hexdigest(text.encode("utf-8"))
 
 
-def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
+def compute(
+    arrays: Mapping[str, Any],
+    manifest: dict,
+    metadata: dict,
+    known: Mapping[str, str] | None = None,
+    linked: Mapping[str, str] | None = None,
+) -> dict:
     """The ``checksums`` item of one save: one record per stored array, plus the JSON items.
 
     Runs in the checksums item's commit future (``_orbax.ChecksumsHandler``), beside the
@@ -105,8 +111,11 @@ def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
     A packed buffer also gets one checksum per leaf packed
     in it (``"slots"``), so damage is traced to the exact leaf. An array that this
     process cannot see whole (sharded over several processes) gets ``{"skipped":
-    reason}`` instead of a checksum.
+    reason}`` instead of a checksum. ``known``: ``{key: xxh3}`` already computed (an
+    incremental save's early hashes and linked arrays); ``linked``: ``{key: step folder
+    name}`` of the arrays linked from an earlier step, recorded as ``"linked"``.
     """
+    known, linked = known or {}, linked or {}
     segments = _pack_segments(manifest)
     # A save() capturing meanwhile (a back-to-back save) goes first, for at most 1 s.
     pause = _hostcopy.YieldBudget(1.0)
@@ -120,7 +129,9 @@ def compute(arrays: Mapping[str, Any], manifest: dict, metadata: dict) -> dict:
         if isinstance(value, jax.Array) and not value.is_fully_addressable:
             record["skipped"] = "sharded over several processes"
         else:
-            record[ALGORITHM] = hash_array(value, pause)
+            record[ALGORITHM] = known[key] if key in known else hash_array(value, pause)
+            if key in linked:
+                record["linked"] = linked[key]
             if key in segments:
                 flat = np.asarray(value).reshape(-1)
                 record["slots"] = {

@@ -55,7 +55,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from datarax_ckpt import _arena, _layout, _placing, _s3, _safeio
+from datarax_ckpt import _arena, _layout, _linking, _placing, _s3, _safeio
 from datarax_ckpt._layout import ITEM_CHECKSUMS, ITEM_MANIFEST, ITEM_METADATA, ITEM_STATE
 from datarax_ckpt.options import CheckpointOptions
 
@@ -167,11 +167,35 @@ async def _gather_all(awaitables: list) -> list:
     return results
 
 
+class LinkHandler(ocp.type_handlers.NumpyHandler):
+    """``TypeHandler`` of :class:`~datarax_ckpt._linking.Linked` leaves (incremental saves):
+    hard-links the earlier step's files in the item's commit future, writes nothing.
+
+    Its ``typestr`` is the ``NumpyHandler``'s, so Orbax's tree metadata describes a
+    linked array exactly as a written one; reads go through the ordinary handlers.
+    """
+
+    async def serialize(self, values, infos, args=None):
+        async def link_all() -> None:
+            if jax.process_index() != 0:
+                return  # like NumpyHandler: one process writes
+            for value, info in zip(values, infos, strict=True):
+                await info.await_path_creation()
+                _linking.link_folder(value.source, info.parent_dir / info.name)
+
+        commit = ocp.future.CommitFutureAwaitingContractedSignals
+        return [commit(link_all(), name="datarax_ckpt_links")]
+
+
 @functools.cache
 def _registry():
     th = ocp.type_handlers
     handlers = [(t, th.get_type_handler(t)) for t in th.supported_types()]
-    return th.create_type_handler_registry(*handlers, (AlignedHostArray, _AlignedNumpyHandler()))
+    return th.create_type_handler_registry(
+        *handlers,
+        (AlignedHostArray, _AlignedNumpyHandler()),
+        (_linking.Linked, LinkHandler()),  # incremental saves' unchanged arrays
+    )
 
 
 def state_handler(*, use_ocdbt: bool, use_compression: bool) -> ocp.PyTreeCheckpointHandler:
@@ -567,7 +591,7 @@ def create_manager(
             async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
         ),
         item_handlers=item_handlers(
-            use_ocdbt=options.use_ocdbt, use_compression=options.use_compression
+            use_ocdbt=options.ocdbt, use_compression=options.use_compression
         ),
     )
     # Orbax removes stale temporary folders in the background; finish that now so

@@ -15,7 +15,7 @@ from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
 _STORAGE_ERROR = re.compile(
     r"(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|UNAVAILABLE)"
     r"[^\n]*(Error reading|Error opening|does not exist|Not enough data|Requested byte range"
-    r"|checksum|corrupt|Failed to decode|Error decoding)",
+    r"|checksum|corrupt|Failed to decode|Error decoding|is missing)",
     re.IGNORECASE,
 )
 

@@ -107,9 +107,18 @@ def _round_up(n: int) -> int:
 
 
 def capture(
-    slots: list[Slot], *, pack_threshold_bytes: int, snapshot: str, pool: ArenaPool | None = None
+    slots: list[Slot],
+    *,
+    pack_threshold_bytes: int,
+    snapshot: str,
+    pool: ArenaPool | None = None,
+    reuse: Callable[[str, str, Any], bool] | None = None,
 ) -> tuple[dict[str, Any], list[dict], list[dict], np.ndarray | None]:
     """Copies the slots' data into buffers owned by the checkpoint.
+
+    ``reuse(key, path, value)``, if given, is asked about each large single-process
+    ``jax.Array`` leaf; True stores the leaf itself, uncopied (incremental saves: the
+    very object saved last time, see ``_incremental``).
 
     Returns:
         ``(arrays, slot_table, packs, arena)``: the arrays to hand to Orbax keyed by
@@ -119,7 +128,7 @@ def capture(
     """
     mode = resolve_snapshot_mode(snapshot)
     run = _Capture(slots)
-    run.sort(pack_threshold_bytes)
+    run.sort(pack_threshold_bytes, reuse)
     run.copy_on_devices(mode)
     arena = run.copy_to_host(pool)
     if run.host_backend and not run.multiprocess:
@@ -145,7 +154,7 @@ class _Capture:
         # ~2x the speed of an XLA copy (measured: 69 ms vs 144 ms for 256 MiB on 2 cores).
         self.host_backend = jax.default_backend() == "cpu"
 
-    def sort(self, pack_threshold_bytes: int) -> None:
+    def sort(self, pack_threshold_bytes: int, reuse: Callable | None = None) -> None:
         """Records each slot in the table and says where it goes: a device pack or copy
         (per set of devices), a host pack (per dtype, in bins) or a host copy."""
         slots, table, sizes = self.slots, self.table, self.sizes
@@ -173,6 +182,11 @@ class _Capture:
                     value = slot.value = np.asarray(value)
                 else:
                     table[i]["global"] = True  # restoring it in multi-process needs a target
+            if reuse is not None and not small and isinstance(value, jax.Array):
+                if reuse(f"a{i}", slot.path, value):
+                    table[i]["key"] = f"a{i}"
+                    self.arrays[f"a{i}"] = value
+                    continue
             if isinstance(value, jax.Array) and not (host_backend and _single_cpu(value.sharding)):
                 devices = value.sharding.device_set
                 packable = small and value.is_fully_addressable and len(devices) == 1

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 from datarax_ckpt import _directory, _hostcopy, _integrity, _layout, _multihost, _orbax, _steps
 from datarax_ckpt._errors import CheckpointError, CheckpointExistsError
 
 
-def write(handle: _directory.Directory, step, arrays, manifest, metadata, keep, overwrite) -> None:
+def write(
+    handle: _directory.Directory, step, arrays, manifest, metadata, keep, overwrite, objects
+) -> None:
     """Worker thread: writes one checkpoint through Orbax and waits until committed.
 
     In a multi-process run only process 0 creates, moves and deletes folders; the
@@ -20,12 +20,19 @@ def write(handle: _directory.Directory, step, arrays, manifest, metadata, keep, 
         handle.path.mkdir(parents=True, exist_ok=True)
         _layout.clear_impostors(handle.path)  # before Orbax renames into the trash
     checksums = None
-    if handle.options.checksums:  # hashed beside the array writes; only process 0 writes
-        sums = functools.partial(_integrity.compute, arrays, manifest, metadata)
-        checksums = _orbax.ChecksumsSave(sums if primary else dict, _integrity.unavailable)
-    args = _orbax.save_args(manifest, metadata, arrays, checksums)
-    manager = handle.manager() if step is None else handle.manager(keep)
     path = handle.path / _layout.step_name(step)
+    stored, known, linked, sums = arrays, {}, {}, {}
+    if handle.incremental and step is not None:  # unchanged arrays: linked, not written
+        stored, known, linked = handle.incremental.plan(handle.path, path.name, arrays)
+    if handle.options.checksums:  # hashed beside the array writes; only process 0 writes
+
+        def compute() -> dict:
+            sums.update(_integrity.compute(arrays, manifest, metadata, known, linked))
+            return sums
+
+        checksums = _orbax.ChecksumsSave(compute if primary else dict, _integrity.unavailable)
+    args = _orbax.save_args(manifest, metadata, stored, checksums)
+    manager = handle.manager() if step is None else handle.manager(keep)
     backup = None
     _steps.check_order(handle.path, step, [])  # another process may have saved since
     committed = _layout.is_committed(path)
@@ -54,6 +61,8 @@ def write(handle: _directory.Directory, step, arrays, manifest, metadata, keep, 
         if step is not None:
             manager.reload()
         raise
+    if handle.incremental and step is not None:
+        handle.incremental.committed(path, sums, objects)  # the next save links from it
     if backup is not None and primary:
         _layout.discard(backup)  # renamed away first: a reader may be reading it
     if primary:

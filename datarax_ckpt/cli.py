@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from datarax_ckpt import (
+    _incremental,
     _integrity,
     _layout,
     _manifest,
@@ -111,12 +112,15 @@ def _ls_row(label, step, folder: Path, writer: dict | None, quick: bool = True) 
     """One row of ``ls``; ``quick=False`` for a temporary folder that keeps changing."""
     structure = _structure.inspect(folder) if quick else _structure.Structure(folder, [], set())
     plain, rich = _status(structure, label, writer)
+    size = _size(folder)
     return {
         "name": label,
         "step": step,
         "path": str(folder),
         "written": _written(folder, structure) if quick else "-",
-        "bytes": _size(folder),
+        "bytes": size,
+        # Incremental saves: what this step wrote (the rest is linked from earlier steps).
+        "new_bytes": _incremental.new_bytes(folder, structure.checksums, size),
         "status": plain,
         "problems": [str(p) for p in structure.problems],
         "metadata": structure.metadata,
@@ -129,7 +133,9 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
     """List checkpoints: step, time, size, quick check, metadata.
 
     One row per checkpoint folder in DIR: its step, when it was committed, its size on
-    disk, the quick check and a summary of its metadata.
+    disk, the quick check and a summary of its metadata. For incremental saves, whose
+    unchanged arrays are hard links to an earlier step's files, a `new` column shows
+    the bytes each step added.
     The quick check looks at Orbax's commit marker and at every file the data needs
     (present, long enough) without reading the arrays; `verify` reads everything.
     A save still being written by a live writer is shown as pending; one left by a
@@ -155,9 +161,12 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
         print(json.dumps([{k: v for k, v in r.items() if k != "_rich"} for r in rows], indent=2))
         return
     table = Table(title=f"{directory}", title_justify="left")
+    # The new bytes only where a step holds less than its size (incremental saves).
+    new = any(r["new_bytes"] != r["bytes"] for r in rows)
     for name, justify in (
         ("step", "right"),
         ("written", "left"),
+        *([("new", "right")] if new else []),
         ("size", "right"),
         ("quick check", "left"),
         ("metadata", "left"),
@@ -167,7 +176,12 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
         step = str(r["step"]) if r["step"] is not None else r["name"]
         step = step.split(".orbax-checkpoint-tmp")[0].removeprefix(_layout.STEP_PREFIX)
         table.add_row(
-            step, r["written"], _human(r["bytes"]), r["_rich"], escape(_summary(r["metadata"]))
+            step,
+            r["written"],
+            *([_human(r["new_bytes"])] if new else []),
+            _human(r["bytes"]),
+            r["_rich"],
+            escape(_summary(r["metadata"])),
         )
     out.print(table)
 
@@ -185,7 +199,9 @@ def show(
     Lists every leaf of the saved tree (path, kind, dtype, shape, bytes) and the
     metadata of the latest step, or of --step N.
     Small leaves that were packed into one buffer on disk are still listed one by one;
-    the `stored` column says where each leaf's bytes live.
+    the `stored` column says where each leaf's bytes live, and "linked from ckpt-N"
+    marks an array an incremental save did not write again (a hard link to that step's
+    files: the step folder still holds it).
     """
     label, step, folder = pick(directory, step)
     structure = _structure.inspect(folder)
@@ -198,6 +214,7 @@ def show(
                 problems = str(e).rstrip(".")
         raise fail(f"Cannot read the tree of {folder}: {problems}.", EXIT_DAMAGED)
     leaves = _structure.leaf_table(structure.checked)
+    linked = _incremental.linked_arrays(structure.checksums)
     plain, rich = _status(structure, label)
     if as_json:
         doc = {
@@ -207,7 +224,10 @@ def show(
             "bytes": _size(folder),
             "status": plain,
             "problems": [str(p) for p in structure.problems],
-            "leaves": [leaf.to_dict() for leaf in leaves],
+            "leaves": [
+                leaf.to_dict() | {"linked": linked.get(leaf.stored.split("[")[0])}
+                for leaf in leaves
+            ],
             "metadata": structure.metadata,
         }
         print(json.dumps(doc, indent=2, default=repr))
@@ -220,7 +240,7 @@ def show(
         soft_wrap=True,
     )
     out.print(f"{len(leaves)} leaves, {_human(total)} of data:")
-    for line in _leaf_lines(leaves, out.width):
+    for line in _leaf_lines(leaves, out.width, linked):
         out.print(escape(line), soft_wrap=True)
     text = json.dumps(structure.metadata)
     if len(text) + 10 > out.width:
@@ -228,7 +248,9 @@ def show(
     out.print("metadata:", escape(text), soft_wrap=True)
 
 
-def _leaf_lines(leaves: list[_structure.LeafInfo], width: int) -> list[str]:
+def _leaf_lines(
+    leaves: list[_structure.LeafInfo], width: int, linked: dict[str, str] | None = None
+) -> list[str]:
     """One line per leaf, path first; a path too long for ``width`` gets its own line.
 
     The details (type, size, where the bytes are stored) stay in one column, so the
@@ -245,6 +267,8 @@ def _leaf_lines(leaves: list[_structure.LeafInfo], width: int) -> list[str]:
             lib = f" ({leaf.lib})" if leaf.lib not in (None, "jax") else ""
             kind, stored = f"{leaf.dtype}[{shape}]{lib}", leaf.stored
         size = "-" if stored == "manifest" else _human(leaf.nbytes)
+        if (linked or {}).get(stored.split("[")[0]):
+            stored = f"{stored} (linked from {linked[stored.split('[')[0]]})"
         rows.append((leaf.path, kind, size, stored))
     kind_w = max([len(r[1]) for r in rows] + [4])
     size_w = max([len(r[2]) for r in rows] + [4])

@@ -24,7 +24,9 @@ class CheckpointOptions:
         use_compression: Compress arrays with zstd (Orbax's default). Off by default:
             random float32 shrinks only to ~87% while saves and restores slow down
             (measured in ``docs/benchmarks.md``); turn it on for smaller files.
-        use_ocdbt: Store arrays in Orbax's OCDBT key-value store (Orbax's default).
+        use_ocdbt: Store arrays in Orbax's OCDBT key-value store (Orbax's default). None
+            (default): OCDBT, except with ``incremental`` saves, which store one folder
+            per array (OCDBT's shared data files cannot be linked array by array).
         pack_threshold_bytes: Single-device leaves of at most this many bytes are
             packed into one buffer per dtype (0 disables packing).
         snapshot: Where the state is copied before ``save()`` returns, so that later
@@ -62,6 +64,12 @@ class CheckpointOptions:
         best_metric: The top-level ``metadata`` key whose number ranks steps for
             ``keep_best`` (e.g. ``"eval_loss"``). Required with ``keep_best``.
         best_mode: ``"min"`` (default): a smaller metric is better; ``"max"``: larger.
+        incremental: Write only the stored arrays whose content differs from the newest
+            committed step of the directory; hard-link the others from it (equality by
+            the very same ``jax.Array`` object or by dtype, shape and xxh3 checksum).
+            Off by default (see ``docs/design.md``, "Incremental saves"); needs
+            ``checksums``, local or network file systems (not ``s3://``), and links only
+            in single-process runs.
         keep_time_interval: Keep one step per this interval forever (e.g.
             ``datetime.timedelta(hours=1)``; whole seconds, at least 1 s), beside the
             newest ``keep`` (Orbax's ``EveryNSeconds``, timed by each step's commit).
@@ -81,7 +89,7 @@ class CheckpointOptions:
 
     async_save: bool = True
     use_compression: bool = False
-    use_ocdbt: bool = True
+    use_ocdbt: bool | None = None
     pack_threshold_bytes: int = DEFAULT_PACK_THRESHOLD_BYTES
     snapshot: Literal["auto", "device", "host"] = "auto"
     max_pending_saves: int = 2
@@ -96,19 +104,37 @@ class CheckpointOptions:
     best_metric: str | None = None
     best_mode: Literal["min", "max"] = "min"
     keep_time_interval: datetime.timedelta | None = None
+    # Off by default: see docs/design.md ("Incremental saves") for the measured trade-off.
+    incremental: bool = False
+
+    @property
+    def ocdbt(self) -> bool:
+        """Whether the state item is an OCDBT store (``use_ocdbt`` resolved)."""
+        return (not self.incremental) if self.use_ocdbt is None else self.use_ocdbt
 
     def __post_init__(self):
         for name in (
             "async_save",
             "use_compression",
-            "use_ocdbt",
             "cleanup_tmp_directories",
             "checksums",
             "verify_on_restore",
+            "incremental",
         ):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CheckpointOptions.{name} must be a bool, got {value!r}.")
+        if self.use_ocdbt is not None and not isinstance(self.use_ocdbt, bool):
+            raise TypeError(
+                f"CheckpointOptions.use_ocdbt must be a bool or None, got {self.use_ocdbt!r}."
+            )
+        if self.incremental and (self.use_ocdbt or not self.checksums):
+            raise ValueError(
+                "CheckpointOptions(incremental=True) needs checksums=True (equal arrays are "
+                "found by their recorded checksums) and use_ocdbt None or False (unchanged "
+                "arrays are hard-linked folder by folder, which OCDBT's shared data files do "
+                f"not allow); got checksums={self.checksums}, use_ocdbt={self.use_ocdbt}."
+            )
         _check_int("pack_threshold_bytes", self.pack_threshold_bytes, minimum=0)
         _check_int("max_pending_saves", self.max_pending_saves, minimum=1)
         if self.max_pending_bytes is not None:

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path import async_path, deleter
 
-from datarax_ckpt import OrbaxCheckpointHandler, _snapshot, _writing
+from datarax_ckpt import OrbaxCheckpointHandler, _linking, _snapshot, _writing
 
 REACHED = "kill point reached:"  # written to the log just before the kill
 
@@ -66,6 +66,20 @@ _HOOKS = {
     "rollback.fs": [(os, f, False) for f in ("mkdir", "rename", "unlink", "rmdir")],
 }
 POINTS = tuple(_HOOKS)
+# Kill points of incremental saves only (tests/test_incremental.py).
+_HOOKS["write.links"] = [(_linking, "link_folder", False)]  # before the nth array's links
+
+_FROZEN: list[jax.Array] = []
+
+
+def make_incremental_state(step: int) -> dict:
+    """:func:`make_state` plus a frozen 4 MiB base: the very same jax.Array at every step
+    of a process (so linked by identity), equal in content across processes (so linked
+    by checksum after a restart)."""
+    if not _FROZEN:
+        rng = np.random.default_rng(1234)
+        _FROZEN.append(jnp.asarray(rng.standard_normal((1024, 1024), dtype=np.float32)))
+    return {**make_state(step), "base": _FROZEN[0]}
 
 
 def make_state(step: int) -> dict:
@@ -224,16 +238,24 @@ def clear_storage_errors() -> None:
 # --------------------------------------------------------------------------- training loop
 
 
-def train(directory: str, first_step: int, n_steps: int, keep: int, progress: str) -> None:
+def train(
+    directory: str,
+    first_step: int,
+    n_steps: int,
+    keep: int,
+    progress: str,
+    incremental: bool = False,
+) -> None:
     """Saves ``make_state(step)`` asynchronously for each step, with ``keep`` retention.
 
     Appends ``issued <step>`` once a save is accepted and ``durable <step>`` after
     :meth:`wait_until_finished` returned (every third step) to the ``progress`` file.
     """
     fd = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    with OrbaxCheckpointHandler() as handler:
+    state = make_incremental_state if incremental else make_state
+    with OrbaxCheckpointHandler(incremental=incremental) as handler:
         for step in range(first_step, first_step + n_steps):
-            handler.save(directory, make_state(step), step=step, keep=keep, metadata={"s": step})
+            handler.save(directory, state(step), step=step, keep=keep, metadata={"s": step})
             os.write(fd, f"issued {step}\n".encode())
             if step % 3 == 2:
                 handler.wait_until_finished()
@@ -282,6 +304,7 @@ def _run_trial(trial: dict) -> None:
                 trial["n_steps"],
                 trial["keep"],
                 trial["progress"],
+                trial.get("incremental", False),
             )
     except BaseException:  # noqa: BLE001 - reported through the exit status and log
         traceback.print_exc()

@@ -226,6 +226,20 @@ def test_array_states_have_the_requested_size(case: CaseConfig, nbytes: int, lea
     assert np.unique(first).size > 100  # Random, not constant (bf16 has few distinct values).
 
 
+def test_finetune_state_changes_only_the_trainable_part_between_steps() -> None:
+    state = build_state(CaseConfig(kind="finetune", size_mb=4, trainable_mb=1), seed=0)
+    (a, orbax_a), (b, _) = state.trees(1), state.trees(2)
+    assert state.nbytes == (4 + 3 * 1) * 2**20
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(a["base"]))
+    assert a["base"] is b["base"]  # the frozen base: the very same arrays at every step
+    for x, y in zip(jax.tree.leaves(a["trainable"]), jax.tree.leaves(b["trainable"]), strict=True):
+        assert not np.array_equal(np.asarray(x), np.asarray(y))  # consecutive steps differ
+    assert orbax_a["opt_state"]["mu"].keys() == a["trainable"].keys()
+    changing = build_state(CaseConfig(kind="equal", size_mb=1, changing=True), seed=0)
+    first, second = (jax.tree.leaves(changing.trees(s)[0])[0] for s in (0, 1))
+    assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+
 class _FakeAdapter(systems.Adapter):
     """Writes a small file per step and records every call in a shared list."""
 

@@ -17,6 +17,7 @@ MODULES = [
     "datarax_ckpt.serialization",
     "datarax_ckpt._handler",
     "datarax_ckpt._interop",
+    "datarax_ckpt._incremental",
 ]
 
 

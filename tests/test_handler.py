@@ -96,6 +96,8 @@ def test_steps_are_managed_by_one_orbax_manager_per_directory(handler, tmp_path)
     handler.save(tmp_path / "b", {"s": 1}, step=1)
     handler.save(tmp_path / "a", {"s": 2}, step=2)
     handler.wait_until_finished()
+    # Internals on purpose: which object writes the steps (Orbax's manager, one per
+    # directory) is the design this test pins, and no public call shows it.
     managers = {k: d._manager for k, d in handler._directories.items()}
     assert len(managers) == 2
     assert all(isinstance(m, ocp.CheckpointManager) for m in managers.values())
@@ -464,8 +466,11 @@ def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
     h.save(tmp_path, {"a": 2}, step=2)
     with pytest.raises(OSError, match="injected") as info:
         if surface == "next_save":
+            # Internals on purpose: the failure must have happened before the next
+            # save() for this case, and the public wait (wait_until_finished) would
+            # itself surface it.
             for directory in h._directories.values():
-                directory.drain()  # let the failure happen before the next call
+                directory.drain()
             h.save(tmp_path, {"a": 3}, step=3)
         elif surface == "next_listing":
             h.get_checkpoint_steps(tmp_path)
@@ -577,3 +582,18 @@ def test_skip_policy_drops_saves_when_the_queue_is_full(tmp_path, caplog, monkey
     assert results[0] is not None and results[1:] == [None, None, None]
     assert steps == [0]
     assert sum("Skipped the save" in r.message for r in caplog.records) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "ocdbt"),
+    [({}, True), ({"use_ocdbt": False}, False), ({"incremental": True}, False)],
+)
+def test_the_state_item_layout_follows_the_options(tmp_path, options, ocdbt):
+    # OCDBT by default (Orbax's default: few files per step); one folder per stored array
+    # when asked for, or with incremental saves (which hard-link those folders).
+    with OrbaxCheckpointHandler(**options) as h:
+        h.save(tmp_path, {"w": np.arange(1 << 18, dtype=np.float32)}, step=1)
+    state = tmp_path / "ckpt-1" / "state"
+    assert (state / "manifest.ocdbt").exists() == ocdbt
+    per_array = [p.name for p in state.iterdir() if p.is_dir() and p.name in ("a0", "p0")]
+    assert bool(per_array) != ocdbt

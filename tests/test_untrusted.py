@@ -247,6 +247,23 @@ def test_without_checksums_a_larger_declared_shape_is_caught_by_the_reader(tmp_p
     assert [(p.kind, p.leaves) for p in report.problems] == [("unreadable_array", ("['w']",))]
 
 
+@pytest.mark.parametrize("options", [{"use_ocdbt": False}, {"incremental": True}])
+def test_a_missing_chunk_file_of_the_per_array_layout_is_corruption(tmp_path, options):
+    # Without OCDBT (use_ocdbt=False, or incremental saves) each stored array is its own
+    # folder; a deleted chunk file must read as damage, and restore fall back past it.
+    steps = {n: {"w": np.arange(1 << 18, dtype=np.float32) * n, "b": np.ones(3)} for n in (1, 2)}
+    with OrbaxCheckpointHandler(**options) as handler:
+        for n, tree in steps.items():
+            handler.save(tmp_path, tree, step=n)
+    (chunk,) = [p for p in (tmp_path / "ckpt-2" / "state").glob("*/0") if p.stat().st_size > 4096]
+    chunk.unlink()
+    with OrbaxCheckpointHandler() as handler:
+        with pytest.raises(CheckpointCorruptedError, match=r"is missing.*\['w'\]"):
+            handler.restore(tmp_path, step=2)
+        np.testing.assert_array_equal(handler.restore(tmp_path)["w"], steps[1]["w"])
+        assert not handler.verify(tmp_path, step=2).ok
+
+
 @pytest.mark.parametrize("levels", [150, 50_000])
 def test_a_deeply_nested_manifest_is_corrupt_not_a_recursion_error(ckpt, levels):
     def nest(manifest):
