@@ -53,6 +53,7 @@ _HASH_CHUNK = 64 << 20  # xxhash releases the GIL per update(): bounded chunks k
 _READ_CHUNK = 16 << 20
 _VERIFY_BATCH_BYTES = 1 << 30  # arrays re-read per Orbax call during verify (bounds memory)
 
+
 # Storage errors of TensorStore/Orbax that mean a damaged or missing file.
 
 
@@ -269,6 +270,7 @@ def load_verified(
     storage: Mapping[str, Any],
     manifest: dict,
     structure: Structure,
+    pool: concurrent.futures.Executor,
 ) -> dict[str, Any]:
     """Reads the stored arrays a restore needs, checking each recorded checksum.
 
@@ -277,7 +279,7 @@ def load_verified(
     several CPU devices), then put on the requested sharding and cast to the requested
     dtype (:func:`datarax_ckpt._orbax.place`). The others (no record, ``structure``
     without checksums, or a sharding this process cannot hold whole) are read the
-    ordinary way.
+    ordinary way. ``pool`` hashes (the directory's two hashing threads).
 
     Raises:
         CheckpointCorruptedError: naming the file, stored array and leaves that differ.
@@ -291,23 +293,22 @@ def load_verified(
         if record is not None and ALGORITHM in record and whole and key in stored:
             verified.append(key)
     checked = frozenset(verified)
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datarax-ckpt-hash") as pool:
-        # Each array is hashed as soon as its read completes, beside the others' reads;
-        # arrays the aligned reader did not report are hashed once everything is read.
-        hashing: dict[str, concurrent.futures.Future] = {}
+    # Each array is hashed as soon as its read completes, beside the others' reads;
+    # arrays the aligned reader did not report are hashed once everything is read.
+    hashing: dict[str, concurrent.futures.Future] = {}
 
-        def hash_when_read(key: str, value: np.ndarray) -> None:
-            if key in checked:
-                hashing[key] = pool.submit(_compare, key, value, records.get(key), structure)
+    def hash_when_read(key: str, value: np.ndarray) -> None:
+        if key in checked:
+            hashing[key] = pool.submit(_compare, key, value, records.get(key), structure)
 
-        with _orbax.on_read(hash_when_read):
-            loaded = _orbax.read(
-                read, storage, stored={k: stored[k] for k in verified}, checked=checked
-            )
-        for key in verified:
-            if key not in hashing:
-                hashing[key] = pool.submit(_compare, key, loaded[key], records.get(key), structure)
-        problems = [p for p in (hashing[k].result() for k in verified) if p]
+    with _orbax.on_read(hash_when_read):
+        loaded = _orbax.read(
+            read, storage, stored={k: stored[k] for k in verified}, checked=checked
+        )
+    for key in verified:
+        if key not in hashing:
+            hashing[key] = pool.submit(_compare, key, loaded[key], records.get(key), structure)
+    problems = [p for p in (hashing[k].result() for k in verified) if p]
     if problems:
         raise corrupted(structure.path, problems)
     return _orbax.place(loaded, storage)

@@ -55,7 +55,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from datarax_ckpt import _hostcopy, _layout, _linking, _s3, _safeio
+from datarax_ckpt import _arena, _layout, _linking, _placing, _s3, _safeio
 from datarax_ckpt._layout import ITEM_CHECKSUMS, ITEM_MANIFEST, ITEM_METADATA, ITEM_STATE
 from datarax_ckpt.options import CheckpointOptions
 
@@ -93,6 +93,9 @@ def on_read(callback: Callable[[str, np.ndarray], None]) -> Iterator[None]:
         _on_read.reset(token)
 
 
+_MAX_SPECS = 1 << 14  # read specs kept (a few KiB each)
+
+
 class AlignedHostArray:
     """Restore type: read a stored array as numpy, into 64-byte-aligned memory."""
 
@@ -114,19 +117,9 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
                 await _ts_utils.assert_parameter_files_exist(
                     info.parent_dir / info.name, self._metadata_key, info.use_zarr3
                 )
-            spec = _ts_utils.build_array_read_spec(
-                info,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                metadata_key=self._metadata_key,
-                raise_array_data_missing_error=info.raise_array_data_missing_error,
-                target_dtype=arg.dtype,
-            )
-            opened.append(ts.open(ts.Spec(spec.json), open=True, context=info.ts_context))
+            opened.append(ts.open(self._spec(info, arg), open=True, context=info.ts_context))
         stores = await _gather_all(opened)
-        outs = [
-            _hostcopy.aligned_empty(math.prod(t.shape), t.dtype.numpy_dtype).reshape(t.shape)
-            for t in stores
-        ]
+        outs = [_arena.empty(tuple(t.shape), t.dtype.numpy_dtype) for t in stores]
         callback = _on_read.get()
 
         async def fill(name: str, out: np.ndarray, store: Any) -> None:
@@ -136,6 +129,28 @@ class _AlignedNumpyHandler(ocp.type_handlers.NumpyHandler):
 
         await _gather_all([fill(i.name, o, t) for i, o, t in zip(infos, outs, stores, strict=True)])
         return outs
+
+    def _spec(self, info: Any, arg: Any) -> ts.Spec:
+        """Orbax's read spec of an array (a pure function of these fields), built once:
+        building it cost ~0.5 ms per array, a tenth of a GPT-2 restore's CPU time
+        (``docs/performance.md`` #27). The store is still opened at every read."""
+        dtype = None if arg.dtype is None else np.dtype(arg.dtype)
+        key = (str(info.parent_dir), info.name, info.is_ocdbt_checkpoint, info.use_zarr3)
+        key += (self._metadata_key, info.raise_array_data_missing_error, dtype)
+        specs = self.__dict__.setdefault("_specs", {})
+        spec = specs.get(key)
+        if spec is None:
+            built = _ts_utils.build_array_read_spec(
+                info,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                metadata_key=self._metadata_key,
+                raise_array_data_missing_error=info.raise_array_data_missing_error,
+                target_dtype=arg.dtype,
+            )
+            if len(specs) >= _MAX_SPECS:
+                specs.clear()
+            spec = specs[key] = ts.Spec(built.json)
+        return spec
 
 
 async def _gather_all(awaitables: list) -> list:
@@ -262,7 +277,8 @@ def template(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 def place(loaded: Mapping[str, Any], storage: Mapping[str, StoredSpec]) -> dict[str, Any]:
     """Casts to the wanted dtypes and puts host arrays meant for jax on their devices.
 
-    One batched ``jax.device_put``: on CPU it adopts the aligned buffers without copying.
+    One batched put (:func:`datarax_ckpt._placing.device_put`): on CPU it adopts the
+    aligned buffers without copying.
     """
     out = dict(loaded)
     for key, value in out.items():
@@ -273,7 +289,7 @@ def place(loaded: Mapping[str, Any], storage: Mapping[str, StoredSpec]) -> dict[
     ]
     if to_device:
         shardings = [storage[k].sharding for k in to_device]
-        placed = jax.device_put([out[k] for k in to_device], shardings)
+        placed = _placing.device_put([out[k] for k in to_device], shardings)
         out.update(zip(to_device, placed, strict=True))
     return out
 
@@ -461,6 +477,26 @@ def reader(path: epath.Path, handlers: Mapping[str, Any]) -> Iterator[Callable[.
         checkpointer.close()
 
 
+@contextlib.contextmanager
+def state_reader(path: epath.Path, state: Any) -> Iterator[Callable[..., dict]]:
+    """``read_items(state=restore args)`` of the step folder ``path`` through ``state``,
+    the directory's state item handler (:func:`state_handler`, one per directory),
+    never its ``CheckpointManager`` (creating a manager cleans up the directory, which
+    only its writer may do, ``_writer_lock``).
+
+    The JSON items were read by the structural check; the commit too was checked there.
+    A ``Checkpointer`` and ``CompositeCheckpointHandler`` built per restore, and the
+    checkpointer's own commit check (a new event loop and threads), cost 1.5-2.5 ms a
+    restore (``docs/performance.md`` #21).
+    """
+    _teach_if_s3(path)
+
+    def read_items(**items: Any) -> dict:
+        return {item: state.restore(path / item, args=args) for item, args in items.items()}
+
+    yield read_items
+
+
 def read_host(read_items: Callable[..., dict], arrays: Mapping[str, tuple[Any, tuple]]) -> dict:
     """Reads stored arrays ``{key: (dtype, shape)}`` as saved into aligned host memory
     (shapes are not compared: the caller reports a mismatch)."""
@@ -473,6 +509,11 @@ def read_host(read_items: Callable[..., dict], arrays: Mapping[str, tuple[Any, t
     return read_items(**{ITEM_STATE: state})[ITEM_STATE]
 
 
+_CHUNK_BYTES = 16 << 20
+_CHUNKED = ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES)
+_WHOLE = ocp.SaveArgs()
+
+
 def save_args(
     manifest: dict, metadata: dict, arrays: Mapping[str, Any], checksums: ChecksumsSave | None
 ) -> Any:
@@ -482,7 +523,12 @@ def save_args(
         ITEM_METADATA: ocp.args.JsonSave(metadata),
     }
     if arrays:
-        args[ITEM_STATE] = ocp.args.PyTreeSave(arrays)
+        # Large arrays in chunks of at most 16 MiB: TensorStore reads a chunk into a
+        # buffer of its own before copying it out, and a 128 MiB one is fresh memory each
+        # time (page faults), while 16 MiB ones reuse malloc's memory. Reading 1 GiB in 8
+        # arrays: 1.59 s whole, 0.59 s in 16 MiB chunks (performance.md #25).
+        chunks = {k: _CHUNKED if a.nbytes > _CHUNK_BYTES else _WHOLE for k, a in arrays.items()}
+        args[ITEM_STATE] = ocp.args.PyTreeSave(arrays, save_args=chunks)
     if checksums is not None:
         args[ITEM_CHECKSUMS] = checksums
     return ocp.args.Composite(**args)

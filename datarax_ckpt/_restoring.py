@@ -12,6 +12,7 @@ import jax
 from etils import epath
 
 from datarax_ckpt import (
+    _arena,
     _directory,
     _integrity,
     _layout,
@@ -211,15 +212,18 @@ def _read_checked(handle, path, target, metadata_only, structure, partial) -> An
     if metadata_only:
         _integrity.check_json_item(structure, _layout.ITEM_METADATA, structure.metadata)
         return structure.metadata
-    # Through a plain Checkpointer, never the directory's CheckpointManager (_orbax.reader).
-    with _orbax.reader(path, handle.item_handlers()) as read:
-        return _read_through(read, target, structure, partial)
+    # Through the directory's own state handler, never its CheckpointManager
+    # (_orbax.state_reader).
+    with _orbax.state_reader(path, handle.state_reader()) as read:
+        return _read_through(handle, read, target, structure, partial)
 
 
-def _read_through(read, target, structure, partial) -> Any:
+def _read_through(handle, read, target, structure, partial) -> Any:
     plan = serialization.plan_restore(structure.checked, target, partial=partial)
     # Without checksums to check (none recorded, or verify off) this is a plain read.
-    loaded = _integrity.load_verified(read, plan.storage, structure.checked.raw, structure)
+    raw = structure.checked.raw
+    with _arena.reusing(handle.restore_arena):
+        loaded = _integrity.load_verified(read, plan.storage, raw, structure, handle.hash_pool())
     return plan.build(loaded)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from datarax_ckpt import _hostcopy, _multihost
+from datarax_ckpt import _hostcopy, _multihost, _placing
 from datarax_ckpt._errors import DeviceMemoryError
 
 
@@ -401,7 +401,7 @@ def read_specs(
             else:
                 values[slot] = value[()] if req.lib == "npscalar" else value
         if to_device:
-            placed = jax.device_put([v for _, v, _ in to_device], [s for _, _, s in to_device])
+            placed = _placing.device_put([v for _, v, _ in to_device], [s for _, _, s in to_device])
             for (slot, _, _), value in zip(to_device, placed, strict=True):
                 values[slot] = value
         return values

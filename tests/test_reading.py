@@ -103,3 +103,35 @@ def test_restore_without_target_lands_on_jax_default_device(tmp_path):
     for leaf in (restored["big"], restored["small"][0], restored["bf16"], restored["key"]):
         assert leaf.sharding.device_set == {third}
     assert by_platform["big"].sharding.device_set == {jax.devices("cpu")[0]}
+
+
+def test_many_packed_leaves_are_placed_as_jax_device_put_places_them(tmp_path):
+    # A restore puts packed leaves on their devices through jax's batched put for one
+    # array (_placing), not the public device_put: the result must be the same arrays.
+    rng = np.random.default_rng(3)
+    dtypes = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8, jnp.uint32, jnp.int32, bool]
+    devices = jax.devices("cpu")
+    state = {
+        f"{np.dtype(d).name}_{i}": jax.device_put(
+            jnp.asarray(rng.standard_normal((i % 5 + 1, 7)) * 9).astype(d), devices[i % 2]
+        )
+        for i in range(40)
+        for d in dtypes[i % len(dtypes) : i % len(dtypes) + 1]
+    }
+    target = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()
+    }
+    with OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path, state, step=1)
+        for verify in (True, False):
+            restored = handler.restore(tmp_path, target, step=1, verify=verify)
+            reference = jax.device_put(
+                [np.asarray(v) for v in state.values()], [v.sharding for v in state.values()]
+            )
+            for (key, got), want in zip(restored.items(), reference, strict=True):
+                assert got.dtype == want.dtype and got.shape == want.shape, key
+                assert got.sharding == want.sharding and got.committed == want.committed, key
+                assert got.weak_type == want.weak_type, key
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=key)
+        untargeted = handler.restore(tmp_path, step=1)
+    assert_identical(untargeted, state)
