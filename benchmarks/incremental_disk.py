@@ -7,7 +7,7 @@ hard-linked file counted once); one step saved with incremental off is the refer
 Also times the durable save of each step and one restore of the last step per mode.
 
 Run: ``python -m benchmarks.incremental_disk [--base-mb 1024] [--trainable-mb 16]``
-(about a minute on the 2-core VM; wrap it in ``flock /work/wt/bench.lock``).
+(about a minute on the 2-core VM).
 """
 
 from __future__ import annotations
