@@ -1,6 +1,6 @@
 """Host memory for restores, reused once the arrays of an earlier restore are dropped.
 
-A restore reads into host buffers that jax adopts without a copy (``_reading``). Fresh
+A restore reads into host buffers that jax adopts without a copy (``_orbax``). Fresh
 memory is zeroed by the kernel on first touch, inside TensorStore's copy: 0.17-0.2 s per
 GiB on the 2-core CI machine once huge pages are at hand, 1.1 s per GiB with 4 KiB
 pages, and up to 2.9 s per GiB the first time a process maps it (the kernel compacts

@@ -65,6 +65,9 @@ DirArg = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead.")]
+StepOpt = Annotated[
+    int | None, typer.Option("--step", "-s", help="The step (default: the latest).")
+]
 
 
 class _Interrupted(BaseException):

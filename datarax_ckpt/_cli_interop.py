@@ -10,7 +10,16 @@ import typer
 from rich.markup import escape
 
 from datarax_ckpt import _incremental, _integrity, _interop
-from datarax_ckpt._cli_common import EXIT_DAMAGED, DirArg, app, fail, list_folders, out, pick
+from datarax_ckpt._cli_common import (
+    EXIT_DAMAGED,
+    DirArg,
+    StepOpt,
+    app,
+    fail,
+    list_folders,
+    out,
+    pick,
+)
 from datarax_ckpt._errors import CheckpointCorruptedError, CheckpointError
 
 
@@ -20,9 +29,7 @@ def export(
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT", help="The folder to create for the export.")
     ],
-    step: Annotated[
-        int | None, typer.Option("--step", "-s", help="The step (default: the latest).")
-    ] = None,
+    step: StepOpt = None,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="orbax (default) or safetensors.")
     ] = "orbax",
@@ -67,9 +74,7 @@ def copy(
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT", help="The checkpoint directory to copy into.")
     ],
-    step: Annotated[
-        int | None, typer.Option("--step", "-s", help="The step (default: the latest).")
-    ] = None,
+    step: StepOpt = None,
 ) -> None:
     """Copy one step into OUT as a standalone step, and verify the copy.
 

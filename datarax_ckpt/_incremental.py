@@ -238,10 +238,7 @@ def _read_source(folder: epath.Path) -> Source | None:
     claims is checked again when the new step is verified or restored (a linked array is
     the very bytes its recorded checksum must match).
     """
-    try:
-        sums = _safeio.read_json(folder / _CHECKSUMS_FILE, _safeio.MAX_JSON_BYTES)
-    except (OSError, ValueError):
-        return None
+    sums = _read_json_or_none(folder / _CHECKSUMS_FILE)
     records = sums.get("arrays") if isinstance(sums, dict) else None
     if not isinstance(records, dict) or sums.get("algorithm") != _integrity.ALGORITHM:
         return None

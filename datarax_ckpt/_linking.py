@@ -1,7 +1,7 @@
 """Incremental saves on disk: a stored array hard-linked from an earlier step.
 
 An unchanged array of an incremental save reaches Orbax as a :class:`Linked` leaf of the
-state item. Its ``TypeHandler`` (``_reading.LinkHandler``, registered in the state item's
+state item. Its ``TypeHandler`` (``_orbax.LinkHandler``, registered in the state item's
 private registry beside Orbax's own) writes nothing: in the item's commit future it
 hard-links every file of the array's folder in the earlier step (Orbax's per-array
 zarr layout, ``state/<key>/.zarray`` and its chunks) into the new step's folder, which

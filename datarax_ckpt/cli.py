@@ -33,6 +33,7 @@ from datarax_ckpt._cli_common import EXIT_USAGE as EXIT_USAGE
 from datarax_ckpt._cli_common import (
     DirArg,
     JsonOpt,
+    StepOpt,
     err,
     fail,
     list_folders,
@@ -189,9 +190,7 @@ def ls(directory: DirArg, as_json: JsonOpt = False) -> None:
 @app.command("show")
 def show(
     directory: DirArg,
-    step: Annotated[
-        int | None, typer.Option("--step", "-s", help="The step (default: the latest).")
-    ] = None,
+    step: StepOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show one checkpoint's leaves and metadata.
