@@ -264,7 +264,7 @@ class OrbaxCheckpointHandler:
                         "save under a new step."
                     )
                 reuse = handle.incremental.capture() if handle.incremental else None
-                arrays, manifest, arena = serialization.encode_and_capture(
+                arrays, manifest, arena, fill = serialization.encode_and_capture(
                     target,
                     pack_threshold_bytes=self.options.pack_threshold_bytes,
                     snapshot=self.options.snapshot,
@@ -296,7 +296,16 @@ class OrbaxCheckpointHandler:
                 handle.incremental.accept(reuse)
             objects = reuse.objects if reuse else {}
             future = handle.run(
-                _writing.write, handle, step, arrays, manifest, metadata, keep, overwrite, objects
+                _writing.write,
+                handle,
+                step,
+                arrays,
+                manifest,
+                metadata,
+                keep,
+                overwrite,
+                objects,
+                fill,
             )
             pending = _directory.Pending(future, nbytes, name, arena)
             with self._state:

@@ -186,15 +186,16 @@ def _dtype(value: Any, what: str, leaf: str | None = None) -> np.dtype:
 
 
 def _shape(value: Any, dtype: np.dtype, what: str, leaf: str | None = None) -> tuple[int, ...]:
-    # The common case first, with the same checks (2,000 leaves: ~2x faster).
-    if type(value) is list and len(value) <= 64:
+    # The common case first, with the same checks (2,000 leaves: ~2x faster). A tuple is
+    # a manifest still in memory (save() keeps the arrays' shape tuples); JSON has lists.
+    if (type(value) is list or type(value) is tuple) and len(value) <= 64:
         for d in value:
             if type(d) is not int or d < 0:
                 break
         else:
             if math.prod(value) * dtype.itemsize <= MAX_ARRAY_BYTES:
                 return tuple(value)
-    if not isinstance(value, list) or len(value) > 64 or not all(_is_int(d) for d in value):
+    if not isinstance(value, list | tuple) or len(value) > 64 or not all(map(_is_int, value)):
         raise Invalid(f"{what} declares a shape that is not a list of ints", leaf=leaf)
     if any(d < 0 for d in value):
         raise Invalid(f"{what} declares a negative dimension {value}", leaf=leaf)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,14 +18,6 @@ import tensorstore as ts
 
 from datarax_ckpt import _hostcopy, _multihost, _placing
 from datarax_ckpt._errors import DeviceMemoryError
-
-
-@dataclasses.dataclass
-class Slot:
-    """One array-like leaf to store: a jax.Array or an np.ndarray, and its tree path."""
-
-    value: Any
-    path: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,48 +101,70 @@ def _round_up(n: int) -> int:
 
 
 def capture(
-    slots: list[Slot],
+    values: list[Any],
+    paths: list[str],
     *,
     pack_threshold_bytes: int,
     snapshot: str,
     pool: ArenaPool | None = None,
     reuse: Callable[[str, str, Any], bool] | None = None,
-) -> tuple[dict[str, Any], list[dict], list[dict], np.ndarray | None]:
-    """Copies the slots' data into buffers owned by the checkpoint.
+) -> tuple[dict[str, Any], list[dict], list[dict], np.ndarray | None, Callable[[], None] | None]:
+    """Copies the leaves' data into buffers owned by the checkpoint, or pins it.
 
-    ``reuse(key, path, value)``, if given, is asked about each large single-process
-    ``jax.Array`` leaf; True stores the leaf itself, uncopied (incremental saves: the
-    very object saved last time, see ``_incremental``).
+    On CPU (one process), a jax array's numpy view pins its buffer: jax neither donates
+    nor frees a buffer while a view of it lives (:func:`views_pin_buffers`). Such leaves
+    are not copied inside ``save()``: a large one is stored through its view, and the
+    copies into packed buffers are left to ``fill``, which the writer thread calls before
+    anything reads the packs. numpy leaves, which the caller may write to, are copied
+    here.
+
+    Args:
+        values: The array-like leaves to store, each a jax.Array or an np.ndarray; slot
+            ``i`` is ``values[i]``.
+        paths: Their tree paths, for error messages.
+        pack_threshold_bytes: Leaves of at most this many bytes are packed.
+        snapshot: ``"auto"``, ``"device"`` or ``"host"`` (``CheckpointOptions.snapshot``).
+        pool: Where the host arena is taken from (and later given back to).
+        reuse: ``reuse(key, path, value)``, if given, is asked about each large
+            single-process ``jax.Array`` leaf; True stores the leaf itself, uncopied
+            (incremental saves: the very object saved last time, see ``_incremental``).
 
     Returns:
-        ``(arrays, slot_table, packs, arena)``: the arrays to hand to Orbax keyed by
-        storage name, one manifest entry per slot (dtype, shape, where it is stored), one
-        manifest entry per packed buffer, and the host arena holding the host copies (to
-        give back to ``pool`` once the arrays are no longer used), or None.
+        ``(arrays, slot_table, packs, arena, fill)``: the arrays to hand to Orbax keyed
+        by storage name, one manifest entry per slot (dtype, shape, where it is stored),
+        one manifest entry per packed buffer, the host arena holding the host copies (to
+        give back to ``pool`` once the arrays are no longer used) or None, and the
+        function that makes the copies still due into ``arrays`` (it holds the pinning
+        views until then), or None if none are.
     """
     mode = resolve_snapshot_mode(snapshot)
-    run = _Capture(slots)
+    run = _Capture(values, paths)
     run.sort(pack_threshold_bytes, reuse)
     run.copy_on_devices(mode)
     arena = run.copy_to_host(pool)
     if run.host_backend and not run.multiprocess:
         run.wrap_for_jax()
-    return run.arrays, run.table, run.packs, arena
+    run.values = run.paths = []  # the caller's leaves: not kept by ``fill``
+    return run.arrays, run.table, run.packs, arena, (run.fill if run.deferred else None)
 
 
 class _Capture:
     """One capture, in the steps :func:`capture` runs: sort the slots (packed or alone,
     on a device or in host memory), copy on the devices, copy to host memory, wrap."""
 
-    def __init__(self, slots: list[Slot]) -> None:
-        self.slots = slots
+    def __init__(self, values: list[Any], paths: list[str]) -> None:
+        self.values = values
+        self.paths = paths
         self.table: list[dict] = []
         self.sizes: list[int] = []  # elements per slot
         self.jax_buckets: dict[tuple, tuple[dict[str, list[int]], list[int]]] = {}
-        self.np_groups: dict[tuple[str, int], list[int]] = {}  # (dtype, bin) -> slots
+        self.host_packs: dict[int, list[int]] = {}  # pack index -> its slots, in order
         self.np_large: list[int] = []
         self.arrays: dict[str, Any] = {}
         self.packs: list[dict] = []
+        # Copies from pinned CPU views into packs, left for the writer (copy_to_host).
+        self.deferred: list[tuple[np.ndarray, list[np.ndarray]]] = []
+        self.deferred_keys: set[str] = set()  # the packs they fill
         self.multiprocess = jax.process_count() > 1
         # On a CPU backend, jax arrays live in host memory: a numpy memcpy copies them at
         # ~2x the speed of an XLA copy (measured: 69 ms vs 144 ms for 256 MiB on 2 cores).
@@ -156,56 +172,74 @@ class _Capture:
 
     def sort(self, pack_threshold_bytes: int, reuse: Callable | None = None) -> None:
         """Records each slot in the table and says where it goes: a device pack or copy
-        (per set of devices), a host pack (per dtype, in bins) or a host copy."""
-        slots, table, sizes = self.slots, self.table, self.sizes
-        jax_buckets, np_groups, np_large = self.jax_buckets, self.np_groups, self.np_large
+        (per set of devices), a host pack (per dtype, in bins of at most
+        ``PACK_BIN_BYTES``, each numbered and laid out here) or a host copy."""
+        # One pass, a few dict operations per slot: 2,000-leaf states pay it per save().
+        # Leaves mostly share a dtype and a sharding object, so their facts are looked up
+        # again only when those change (by identity: hashing either is slower).
+        values, table, sizes, packs = self.values, self.table, self.sizes, self.packs
         multiprocess, host_backend = self.multiprocess, self.host_backend
-        open_bins: dict[str, tuple[str, int]] = {}
-        bin_bytes: dict[tuple[str, int], int] = {}
-        for i, slot in enumerate(slots):
-            value = slot.value
-            dtype, dtype_name, storable = _dtype_and_name(value.dtype)
-            if not storable:
-                raise _unstorable(slot.path, dtype)
+        open_bins: dict[str, list] = {}  # dtype name -> [pack index, bytes] of its open bin
+        seen_dtype = seen_sharding = on_one_cpu = None
+        for i, value in enumerate(values):
+            dtype = value.dtype
+            if dtype is not seen_dtype:
+                dtype_name, itemsize, storable = _dtype_info(dtype)
+                if not storable:
+                    raise _unstorable(self.paths[i], jnp.dtype(dtype))
+                seen_dtype = dtype
             shape = value.shape
-            table.append({"dtype": dtype_name, "shape": list(shape)})
-            sizes.append(math.prod(shape))
-            if sizes[i] == 0:
-                table[i]["empty"] = True
+            size = math.prod(shape)
+            sizes.append(size)
+            entry = {"dtype": dtype_name, "shape": shape}
+            table.append(entry)
+            if size == 0:
+                entry["empty"] = True
                 continue
-            small = sizes[i] * dtype.itemsize <= pack_threshold_bytes
-            if multiprocess and isinstance(value, jax.Array):
+            nbytes = size * itemsize
+            small = nbytes <= pack_threshold_bytes
+            is_jax = not isinstance(value, np.ndarray)  # a jax.Array (see capture())
+            if multiprocess and is_jax:
                 if value.is_fully_addressable:
                     # Host-local in a multi-process run (Orbax refuses these): stored like a
                     # numpy array, written once by process 0; the handler checks that every
                     # process holds the same value (_multihost.Coordinator.agree_to_save).
-                    value = slot.value = np.asarray(value)
+                    value = values[i] = np.asarray(value)
+                    is_jax = False
                 else:
-                    table[i]["global"] = True  # restoring it in multi-process needs a target
-            if reuse is not None and not small and isinstance(value, jax.Array):
-                if reuse(f"a{i}", slot.path, value):
-                    table[i]["key"] = f"a{i}"
+                    entry["global"] = True  # restoring it in multi-process needs a target
+            if reuse is not None and not small and is_jax:
+                if reuse(f"a{i}", self.paths[i], value):
+                    entry["key"] = f"a{i}"
                     self.arrays[f"a{i}"] = value
                     continue
-            if isinstance(value, jax.Array) and not (host_backend and _single_cpu(value.sharding)):
+            if is_jax and host_backend and value.sharding is not seen_sharding:
+                seen_sharding = value.sharding
+                on_one_cpu = _on_one_cpu(seen_sharding)
+            if is_jax and not (host_backend and on_one_cpu):
                 devices = value.sharding.device_set
                 packable = small and value.is_fully_addressable and len(devices) == 1
                 bucket_key = tuple(sorted(d.id for d in devices))
-                groups, large = jax_buckets.setdefault(bucket_key, ({}, []))
+                groups, large = self.jax_buckets.setdefault(bucket_key, ({}, []))
                 if packable:
                     groups.setdefault(dtype_name, []).append(i)
                 else:
                     large.append(i)
             elif small:
-                nbytes = sizes[i] * dtype.itemsize
-                bin_key = open_bins.get(dtype_name, (dtype_name, 0))
-                if bin_bytes.get(bin_key, 0) + nbytes > PACK_BIN_BYTES and bin_key in np_groups:
-                    bin_key = (dtype_name, bin_key[1] + 1)
-                open_bins[dtype_name] = bin_key
-                bin_bytes[bin_key] = bin_bytes.get(bin_key, 0) + nbytes
-                np_groups.setdefault(bin_key, []).append(i)
+                open_bin = open_bins.get(dtype_name)
+                if open_bin is None or open_bin[1] + nbytes > PACK_BIN_BYTES:
+                    open_bin = open_bins[dtype_name] = [len(packs), 0]
+                    self.host_packs[len(packs)] = []
+                    pack = {"key": f"p{len(packs)}", "dtype": dtype_name, "size": 0, "lib": "host"}
+                    packs.append(pack)
+                pack = packs[open_bin[0]]
+                entry["pack"] = open_bin[0]
+                entry["offset"] = pack["size"]
+                pack["size"] += size
+                open_bin[1] += nbytes
+                self.host_packs[open_bin[0]].append(i)
             else:
-                np_large.append(i)
+                self.np_large.append(i)
 
     def add_pack(self, dtype_name: str, idxs: list[int], buffer: Any, lib: str) -> None:
         offset = 0
@@ -223,12 +257,12 @@ class _Capture:
             for groups, large in self.jax_buckets.values():
                 names = list(groups)
                 packed, copies = _device_snapshot(
-                    [[self.slots[i].value for i in groups[n]] for n in names],
-                    [self.slots[i].value for i in large],
+                    [[self.values[i] for i in groups[n]] for n in names],
+                    [self.values[i] for i in large],
                     copy_large=mode == "device",
                 )
                 if mode == "host":
-                    host = _to_host(packed + [self.slots[i].value for i in large])
+                    host = _to_host(packed + [self.values[i] for i in large])
                     packed, copies = host[: len(packed)], host[len(packed) :]
                 for name, buffer in zip(names, packed, strict=True):
                     self.add_pack(name, groups[name], buffer, "jax")
@@ -238,7 +272,7 @@ class _Capture:
             jax.block_until_ready([v for v in self.arrays.values() if isinstance(v, jax.Array)])
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-                nbytes = sum(s.value.nbytes for s in self.slots if isinstance(s.value, jax.Array))
+                nbytes = sum(v.nbytes for v in self.values if isinstance(v, jax.Array))
                 raise DeviceMemoryError(
                     f"The {mode} snapshot of the state ({nbytes / 2**20:.1f} MiB of arrays) did "
                     "not fit in memory. Use CheckpointOptions(snapshot='host') to copy straight "
@@ -247,21 +281,30 @@ class _Capture:
             raise
 
     def copy_to_host(self, pool: ArenaPool | None) -> np.ndarray | None:
-        """Copies the host-packed and host-stored slots; returns the arena holding them."""
-        # Host copies: one buffer per dtype for small leaves, one per large leaf, all carved
+        """Copies the host-packed and host-stored slots; returns the arena holding them.
+
+        CPU jax arrays are pinned instead of copied where :func:`views_pin_buffers`
+        holds: a large one is stored through its view, uncopied, and copies into packs
+        are left in ``self.deferred`` for the writer thread. numpy leaves (the caller
+        may write to them) are always copied here.
+        """
+        # Host copies: one buffer per host pack, one per copied large leaf, all carved
         # 64-byte aligned from one arena (reused from save to save through ``pool``).
-        group_sizes = {
-            key: sum(self.sizes[i] for i in idxs) for key, idxs in self.np_groups.items()
-        }
+        values, packs, table = self.values, self.packs, self.table
+        pin = self.host_backend and not self.multiprocess and views_pin_buffers()
+        # (slot, its numpy array: a view to keep, or a source to copy)
+        large = [(i, np.asarray(values[i])) for i in self.np_large]
         arena_bytes = sum(
-            _round_up(n * jnp.dtype(name).itemsize) for (name, _), n in group_sizes.items()
+            _round_up(packs[n]["size"] * _dtype_info(packs[n]["dtype"])[1]) for n in self.host_packs
         )
-        arena_bytes += sum(_round_up(self.slots[i].value.nbytes) for i in self.np_large)
-        arena = (
-            (pool.take(arena_bytes) if pool else _hostcopy.aligned_empty(arena_bytes, np.uint8))
-            if (arena_bytes)
-            else None
+        arena_bytes += sum(
+            _round_up(array.nbytes) for i, array in large if not _pinned(values[i], pin)
         )
+        arena = None
+        if arena_bytes:
+            arena = (
+                pool.take(arena_bytes) if pool else _hostcopy.aligned_empty(arena_bytes, np.uint8)
+            )
         cursor = 0
 
         def carve(size: int, dtype: Any) -> np.ndarray:
@@ -272,44 +315,77 @@ class _Capture:
             return view
 
         copies = []  # (destination, sources): done together, on several threads
-        for (name, _), idxs in self.np_groups.items():
-            buffer = carve(group_sizes[(name, _)], name)
-            copies.append((buffer, [np.asarray(self.slots[i].value) for i in idxs]))
-            self.add_pack(name, idxs, buffer, "host")
-        for i in self.np_large:
-            source = np.asarray(self.slots[i].value)
-            buffer = carve(source.size, source.dtype)
-            copies.append((buffer, [source]))
-            self.table[i]["key"] = f"a{i}"
-            self.arrays[f"a{i}"] = buffer.reshape(source.shape)
+        for n, idxs in self.host_packs.items():
+            buffer = carve(packs[n]["size"], packs[n]["dtype"])
+            self.arrays[packs[n]["key"]] = buffer
+            sources = [np.asarray(values[i]) for i in idxs]
+            mutable = [isinstance(values[i], np.ndarray) for i in idxs] if pin else None
+            if not pin or all(mutable):
+                copies.append((buffer, sources))
+            elif not any(mutable):
+                self.deferred.append((buffer, sources))
+                self.deferred_keys.add(packs[n]["key"])
+            else:  # numpy and jax leaves of one dtype: runs of each, copied now or later
+                start = 0
+                pairs = zip(mutable, sources, strict=True)
+                for now, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
+                    run = [source for _, source in group]
+                    size = sum(source.size for source in run)
+                    (copies if now else self.deferred).append((buffer[start : start + size], run))
+                    start += size
+                self.deferred_keys.add(packs[n]["key"])
+        for i, array in large:
+            table[i]["key"] = f"a{i}"
+            if _pinned(values[i], pin):
+                self.arrays[f"a{i}"] = array  # the view itself: it pins the buffer
+                continue
+            buffer = carve(array.size, array.dtype)
+            copies.append((buffer, [array]))
+            self.arrays[f"a{i}"] = buffer.reshape(array.shape)
         _hostcopy.gather(copies)
         return arena
 
     def wrap_for_jax(self) -> None:
-        """CPU, one process: host copies become jax arrays without a copy."""
-        # Wrap as jax.Arrays without a copy (one batched call), so Orbax does not deep-copy
-        # them as it does numpy leaves. Not for dtypes jax would narrow (float64 without x64).
-        keys = [
-            k
-            for k, v in self.arrays.items()
-            if isinstance(v, np.ndarray) and jax.dtypes.canonicalize_dtype(v.dtype) == v.dtype
-        ]
+        """CPU, one process: host copies become jax arrays without a copy (packs still to
+        be filled: once filled, by :meth:`fill`)."""
+        keys = [k for k in self.arrays if k not in self.deferred_keys]
+        _wrap_for_jax(self.arrays, keys)
+
+    def fill(self) -> None:
+        """Makes the deferred copies (on the writer thread), then wraps their packs."""
+        _hostcopy.gather(self.deferred)
+        self.deferred = []  # the views: no longer pinned by this capture
+        if self.host_backend and not self.multiprocess:
+            _wrap_for_jax(self.arrays, sorted(self.deferred_keys))
+
+
+def _wrap_for_jax(arrays: dict[str, Any], keys: list[str]) -> None:
+    # Wrap as jax.Arrays without a copy (one batched call), so Orbax does not deep-copy
+    # them as it does numpy leaves. Not for dtypes jax would narrow (float64 without x64).
+    keys = [
+        k
+        for k in keys
+        if isinstance(arrays[k], np.ndarray)
+        and jax.dtypes.canonicalize_dtype(arrays[k].dtype) == arrays[k].dtype
+    ]
+    if keys:
         cpu = jax.local_devices(backend="cpu")[0]
-        for k, v in zip(keys, jax.device_put([self.arrays[k] for k in keys], cpu), strict=True):
-            self.arrays[k] = v
+        for k, v in zip(keys, jax.device_put([arrays[k] for k in keys], cpu), strict=True):
+            arrays[k] = v
 
 
-# Per-leaf work is what a 2000-leaf state pays for: dtype names and sharding checks are
+# Per-leaf work is what a 2000-leaf state pays for: dtype facts and sharding checks are
 # cached (numpy computes dtype.name anew each time, ~5 us).
 @functools.lru_cache(maxsize=256)
-def _dtype_and_name(dtype: Any) -> tuple[np.dtype, str, bool]:
-    """The dtype, its name, and whether TensorStore (Orbax's storage) can hold it."""
+def _dtype_info(dtype: Any) -> tuple[str, int, bool]:
+    """The dtype's name, its item size, and whether TensorStore (Orbax's storage) can
+    hold it."""
     dtype = jnp.dtype(dtype)
     try:
         ts.dtype(dtype.name)
     except ValueError:
-        return dtype, dtype.name, False
-    return dtype, dtype.name, True
+        return dtype.name, dtype.itemsize, False
+    return dtype.name, dtype.itemsize, True
 
 
 def _unstorable(path: str, dtype: np.dtype) -> TypeError:
@@ -327,7 +403,6 @@ def _unstorable(path: str, dtype: np.dtype) -> TypeError:
     )
 
 
-@functools.lru_cache(maxsize=256)
 def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
     devices = sharding.device_set
     return (
@@ -335,6 +410,57 @@ def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
         and next(iter(devices)).platform == "cpu"
         and sharding.is_fully_addressable
     )
+
+
+# Sharding -> _single_cpu, by identity: arrays placed alike share one sharding object, and
+# hashing a sharding runs Python code (~0.6 us). Holds the shardings it names, so an id is
+# not reused while its entry lives.
+_ONE_CPU: dict[int, tuple[Any, bool]] = {}
+
+
+def _on_one_cpu(sharding: jax.sharding.Sharding) -> bool:
+    hit = _ONE_CPU.get(id(sharding))
+    if hit is not None and hit[0] is sharding:
+        return hit[1]
+    answer = _single_cpu(sharding)
+    if len(_ONE_CPU) >= 256:
+        _ONE_CPU.clear()
+    _ONE_CPU[id(sharding)] = (sharding, answer)
+    return answer
+
+
+def _pinned(value: Any, pin: bool) -> bool:
+    """Whether a host-stored slot's value is pinned by its view rather than copied now:
+    a jax array (not an np.ndarray, which the caller may write to) when ``pin``."""
+    return pin and not isinstance(value, np.ndarray)
+
+
+@functools.cache
+def views_pin_buffers() -> bool:
+    """Whether a numpy view of a CPU ``jax.Array`` pins its buffer, checked once.
+
+    A view is an external reference to the PJRT buffer: jax 0.10 then skips donating the
+    array (silently: the jitted function gets a fresh output buffer) and, if the array is
+    deleted, frees the memory only once the view is gone. ``save()`` on CPU relies on it
+    to capture jax arrays without copying them. This runs the case once (a donation under
+    a view, then a donation that could reuse the memory); if the view's bytes change or
+    anything raises, captures copy instead.
+    """
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+        with jax.default_device(cpu):
+            x = jnp.arange(4096, dtype=jnp.float32) + 1  # a buffer XLA owns
+            view = np.asarray(x)
+            expected = view.copy()
+            with warnings.catch_warnings(record=True):  # jax may warn of the declined donation
+                overwrite = jax.jit(lambda a: a * 0 - 1, donate_argnums=0)
+                out = overwrite(x)
+                x.delete()
+                again = overwrite(jnp.arange(4096, dtype=jnp.float32))
+                jax.block_until_ready((out, again))
+        return bool(np.array_equal(view, expected) and (np.asarray(out) == -1).all())
+    except Exception:  # any failure: copy, as before
+        return False
 
 
 def default_device() -> jax.Device:

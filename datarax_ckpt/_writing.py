@@ -7,14 +7,18 @@ from datarax_ckpt._errors import CheckpointError, CheckpointExistsError
 
 
 def write(
-    handle: _directory.Directory, step, arrays, manifest, metadata, keep, overwrite, objects
+    handle: _directory.Directory, step, arrays, manifest, metadata, keep, overwrite, objects, fill
 ) -> None:
     """Worker thread: writes one checkpoint through Orbax and waits until committed.
 
-    In a multi-process run only process 0 creates, moves and deletes folders; the
-    others wait at barriers, so nobody races it.
+    ``fill``, if not None, first makes the copies the capture left for this thread (CPU:
+    packing pinned jax arrays, see ``_snapshot.capture``). In a multi-process run only
+    process 0 creates, moves and deletes folders; the others wait at barriers, so nobody
+    races it.
     """
     _hostcopy.yield_to_captures()  # a save() capturing right now goes first
+    if fill is not None:
+        fill()
     primary = _multihost.is_primary()
     if primary:
         handle.path.mkdir(parents=True, exist_ok=True)

@@ -58,15 +58,41 @@ from datarax_ckpt._planning import check_manifest as check_manifest  # noqa: E40
 from datarax_ckpt._planning import deserialize as deserialize  # noqa: E402
 from datarax_ckpt._planning import plan_restore as plan_restore  # noqa: E402
 
+# Exact types of jax arrays seen to be plain arrays (not tracers): their leaves take the
+# short path in containers (:meth:`_Encoder._jax_leaf`). Filled as they are met, so no
+# private jax type is named here.
+_JAX_ARRAY_TYPES: set[type] = set()
+
 
 class _Encoder:
+    """Walks a state once: the manifest's tree, and the array-like leaves to store
+    (``values``, with their tree paths in ``paths``; a slot is an index into both)."""
+
     def __init__(self) -> None:
-        self.slots: list[_snapshot.Slot] = []
+        self.values: list[Any] = []
+        self.paths: list[str] = []
         self.depth = 0
 
     def _slot(self, value: Any, path: str) -> int:
-        self.slots.append(_snapshot.Slot(value=value, path=path))
-        return len(self.slots) - 1
+        self.values.append(value)
+        self.paths.append(path)
+        return len(self.values) - 1
+
+    def _jax_leaf(self, x: Any, path: str) -> dict:
+        """A leaf of a type in ``_JAX_ARRAY_TYPES``: what :meth:`_encode_array` does for
+        it, without the type dispatch (2,000 leaves: the encoding's largest cost)."""
+        if x.is_deleted() or _kinds.is_key_dtype(x.dtype):
+            return self._encode_array(x, path)  # its error, or a typed key
+        self.values.append(x)
+        self.paths.append(path)
+        return {"t": "array", "lib": "jax", "s": len(self.values) - 1}
+
+    def _child(self, x: Any, path: str) -> dict:
+        """A container's child: a known jax array type directly, anything else (or a leaf
+        one level deeper than the limit, for its error) through :meth:`encode`."""
+        if type(x) in _JAX_ARRAY_TYPES and self.depth < MAX_DEPTH:
+            return self._jax_leaf(x, path)
+        return self.encode(x, path)
 
     def encode(self, x: Any, path: str) -> dict:
         # Counting levels cost 0.5 ms on 8,000 nodes (fastest of 100 encodes of 2,000
@@ -146,6 +172,7 @@ class _Encoder:
             if _kinds.is_key(x):
                 impl = str(jax.random.key_impl(x))
                 return {"t": "key", "impl": impl, "s": self._slot(jax.random.key_data(x), path)}
+            _JAX_ARRAY_TYPES.add(type(x))  # not a tracer: later leaves of it take _jax_leaf
             return {"t": "array", "lib": "jax", "s": self._slot(x, path)}
         if isinstance(x, np.ndarray):
             if x.dtype.hasobject:
@@ -159,21 +186,27 @@ class _Encoder:
     def _encode_container(self, x: Any, path: str) -> dict:
         """A dict, list, tuple or registered pytree node; a function leaf; or an error."""
         if type(x) is dict:
+            # _child inlined: dicts of arrays are the common large container.
+            fast = _JAX_ARRAY_TYPES if self.depth < MAX_DEPTH else ()
             keys, children = [], []
             for key, value in x.items():
-                if type(key) not in (str, int):
+                if type(key) is not str and type(key) is not int:
                     raise TypeError(
                         f"Dict at {_kinds.where(path)} has a key {key!r} of type "
                         f"{type(key).__name__}; only str and int keys can be stored exactly. "
                         "Convert the key to str."
                     )
                 keys.append(key)
-                children.append(self.encode(value, _kinds.join(path, key)))
+                child = f"{path}[{key!r}]"  # _kinds.join, inlined
+                if type(value) in fast:
+                    children.append(self._jax_leaf(value, child))
+                else:
+                    children.append(self.encode(value, child))
             return {"t": "dict", "k": keys, "c": children}
         if type(x) in (list, tuple):
             return {
                 "t": type(x).__name__,
-                "c": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(x)],
+                "c": [self._child(v, f"{path}[{i}]") for i, v in enumerate(x)],
             }
         children, _ = _kinds.flatten_one_level(x)
         if len(children) == 1 and children[0][1] is x:  # not a registered pytree node
@@ -196,7 +229,7 @@ class _Encoder:
             "type": f"{cls.__module__}.{cls.__qualname__}",
             "k": keys,
             "c": [
-                self.encode(child, _kinds.join(path, k, attr=isinstance(k, str)))
+                self._child(child, _kinds.join(path, k, attr=isinstance(k, str)))
                 for k, (_, child) in zip(keys, children, strict=True)
             ],
         }
@@ -210,8 +243,9 @@ def serialize(
 ) -> tuple[dict[str, Any], dict]:
     """Encodes a state into arrays for Orbax and a JSON manifest.
 
-    The returned arrays are private copies (or packed buffers): the caller may donate,
-    delete or mutate its own arrays as soon as this returns.
+    The returned arrays are private copies, packed buffers or (CPU jax arrays) views that
+    pin the caller's buffers: the caller may donate, delete or mutate its own arrays as
+    soon as this returns.
 
     Args:
         tree: The state: any nest of supported containers and leaves.
@@ -228,9 +262,11 @@ def serialize(
         TypeError: for an unsupported leaf or dict key, naming its path and type.
         ValueError: for a deleted (donated) array.
     """
-    arrays, manifest, _ = encode_and_capture(
+    arrays, manifest, _, fill = encode_and_capture(
         tree, pack_threshold_bytes=pack_threshold_bytes, snapshot=snapshot
     )
+    if fill is not None:
+        fill()
     return arrays, manifest
 
 
@@ -241,21 +277,21 @@ def encode_and_capture(
     snapshot: str,
     pool: _snapshot.ArenaPool | None = None,
     reuse: Callable[[str, str, Any], bool] | None = None,
-) -> tuple[dict[str, Any], dict, Any]:
-    """:func:`serialize`, also returning the host arena to give back to ``pool`` later
-    (``reuse``: see :func:`_snapshot.capture`)."""
+) -> tuple[dict[str, Any], dict, Any, Callable[[], None] | None]:
+    """:func:`serialize`, also returning the host arena to give back to ``pool`` later,
+    and the copies still due into the arrays, to call before they are read (``reuse``
+    and ``fill``: see :func:`_snapshot.capture`)."""
     # The garbage collector stays as the user set it (issue 13: no process-wide switch
-    # the user did not ask for). The cost, measured on 2000 x 64 KiB (/tmp/gcc.py, 2-core
-    # VM, loaded): encoding allocates ~6,100 tracked containers (4,009 survive: the
-    # manifest's dicts and shape lists), so a save runs ~17 young collections (3-8 ms of
-    # the saving thread's 61-64 ms CPU, against 45-53 ms with gc paused) and, every ~6
-    # saves, a full collection inside save() (255-370 ms here). Pausing gc merged them
-    # into one collection, but paused it for every thread of the process; the fix left
-    # open is fewer surviving containers per leaf.
+    # the user did not ask for). The manifest's per-leaf dicts hold only strings, ints
+    # and the arrays' own shape tuples, so CPython leaves them untracked: a 2000-leaf
+    # save no longer hands ~4,000 containers to the old generation, which every ~6 saves
+    # set off a full collection inside save() (115 ms in this process; issue 19,
+    # docs/performance.md #28).
     encoder = _Encoder()
     root = encoder.encode(tree, "")
-    arrays, slots, packs, arena = _snapshot.capture(
-        encoder.slots,
+    arrays, slots, packs, arena, fill = _snapshot.capture(
+        encoder.values,
+        encoder.paths,
         pack_threshold_bytes=pack_threshold_bytes,
         snapshot=snapshot,
         pool=pool,
@@ -268,4 +304,4 @@ def encode_and_capture(
         "slots": slots,
         "packs": packs,
     }
-    return arrays, manifest, arena
+    return arrays, manifest, arena, fill

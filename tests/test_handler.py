@@ -24,6 +24,7 @@ from datarax_ckpt import (
     CheckpointNotFoundError,
     OrbaxCheckpointHandler,
     StructureMismatchError,
+    _snapshot,
     _writer_lock,
 )
 
@@ -489,22 +490,47 @@ def test_background_write_errors_surface(tmp_path, monkeypatch, surface):
 # ------------------------------------------------------------------ donation, crash, threads
 
 
-def test_donating_saved_arrays_does_not_corrupt_the_checkpoint(handler, tmp_path):
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned-views", "copied"])
+def test_donating_saved_arrays_does_not_corrupt_the_checkpoint(
+    handler, tmp_path, monkeypatch, pinned
+):
+    # The training loop of the JAX docs on donation: the state is donated to the next
+    # step right after save() returns, while the write is still in flight. On CPU the
+    # capture pins the arrays' buffers instead of copying them (views_pin_buffers); the
+    # "copied" case is the fallback where jax would donate anyway.
+    if pinned:
+        assert _snapshot.views_pin_buffers()  # this jax: save() on CPU does not copy
+    else:
+        monkeypatch.setattr(_snapshot, "views_pin_buffers", lambda: False)
     rng = np.random.default_rng(0)
-    state = {"w": jnp.asarray(rng.standard_normal(300_000), jnp.float32), "b": jnp.arange(16.0)}
+    state = {
+        "w": jnp.asarray(rng.standard_normal(300_000), jnp.float32),  # stored alone
+        "b": jnp.asarray(rng.standard_normal(16), jnp.float32),  # packed
+        "n": rng.standard_normal(16).astype(np.float32),  # numpy, packed with "b"
+        "c": jnp.arange(8.0),  # packed after it
+    }
     expected = jax.tree.map(np.array, state)
-    handler.save(tmp_path, state, step=1)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(s):
         return jax.tree.map(lambda x: x * 0 - 7, s)
 
-    new_state = jax.block_until_ready(train_step(state))
-    assert state["w"].is_deleted()  # the buffers really were donated and reused
+    handler.save(tmp_path, state, step=1)
+    new_state = jax.block_until_ready(train_step({"w": state["w"]}))
+    state["n"][:] = 0  # numpy leaves are the caller's to write to
+    state["c"].delete()
+    # Pinned: jax declines to donate a buffer the checkpoint holds; copied: it donates.
+    assert state["w"].is_deleted() is not pinned
     assert (np.asarray(new_state["w"]) == -7).all()
+    handler.wait_until_finished()
     restored = handler.restore(tmp_path, step=1)
     for k in expected:
         np.testing.assert_array_equal(restored[k], expected[k])
+    # Once written, nothing is pinned: the arrays donate as usual.
+    alive = {k: state[k] for k in ("w", "b") if not state[k].is_deleted()}
+    jax.block_until_ready(train_step(alive))
+    assert sorted(alive) == (["b", "w"] if pinned else ["b"])
+    assert all(v.is_deleted() for v in alive.values())
 
 
 def test_sigkill_during_async_save_keeps_previous_step(tmp_path):

@@ -97,7 +97,7 @@ def test_long_string_is_one_buffer():
     restored = serialization.deserialize(arrays, manifest)
     assert restored["s"] == text
     assert len(arrays) == 1  # one uint8 buffer, not a leaf per character
-    assert manifest["slots"][0]["shape"] == [len(text.encode())]
+    assert list(manifest["slots"][0]["shape"]) == [len(text.encode())]
 
 
 def test_packing_on_and_off_read_each_other():
