@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import itertools
 import math
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -291,7 +291,7 @@ class _Capture:
         # Host copies: one buffer per host pack, one per copied large leaf, all carved
         # 64-byte aligned from one arena (reused from save to save through ``pool``).
         values, packs, table = self.values, self.packs, self.table
-        pin = self.host_backend and not self.multiprocess and views_pin_buffers()
+        pin = self.host_backend and not self.multiprocess and pinning_known()
         # (slot, its numpy array: a view to keep, or a source to copy)
         large = [(i, np.asarray(values[i])) for i in self.np_large]
         arena_bytes = sum(
@@ -435,30 +435,64 @@ def _pinned(value: Any, pin: bool) -> bool:
     return pin and not isinstance(value, np.ndarray)
 
 
-@functools.cache
-def views_pin_buffers() -> bool:
-    """Whether a numpy view of a CPU ``jax.Array`` pins its buffer, checked once.
+_pin_lock = threading.Lock()
+_pin_answer: list[bool] = []  # the probe's answer, once known
+_pin_probe: list[threading.Thread] = []  # the probe started by pinning_known()
 
-    A view is an external reference to the PJRT buffer: jax 0.10 then skips donating the
-    array (silently: the jitted function gets a fresh output buffer) and, if the array is
-    deleted, frees the memory only once the view is gone. ``save()`` on CPU relies on it
-    to capture jax arrays without copying them. This runs the case once (a donation under
-    a view, then a donation that could reuse the memory); if the view's bytes change or
-    anything raises, captures copy instead.
+
+def views_pin_buffers() -> bool:
+    """Whether a numpy view of a CPU ``jax.Array`` pins its buffer (checked once).
+
+    A view is an external reference to the PJRT buffer: jax 0.10 then declines to donate
+    the array (silently: the jitted function gets a fresh output buffer) and, if the
+    array is deleted, frees the memory only once the view is gone. ``save()`` on CPU
+    relies on it to capture jax arrays without copying them. The first call runs the
+    case (a donation under a view, then a donation that could reuse the memory: one
+    small compilation, ~60 ms); if the view's bytes change or anything raises, the answer
+    is False and captures copy, as they did before.
     """
+    with _pin_lock:
+        if not _pin_answer:
+            _pin_answer.append(_probe_pinning())
+        return _pin_answer[0]
+
+
+def pinning_known() -> bool:
+    """:func:`views_pin_buffers` if it is known; else starts it on a background thread
+    (so that no ``save()`` waits for its compilation) and returns False: that capture
+    copies."""
+    if _pin_answer:
+        return _pin_answer[0]
+    with _pin_lock:
+        if not _pin_probe:
+            probe = threading.Thread(
+                target=views_pin_buffers, name="datarax-ckpt-pin-probe", daemon=True
+            )
+            _pin_probe.append(probe)
+            probe.start()
+            atexit.register(probe.join)  # not cut off inside XLA at interpreter exit
+    return False
+
+
+def _probe_pinning() -> bool:
     try:
         cpu = jax.local_devices(backend="cpu")[0]
-        with jax.default_device(cpu):
-            x = jnp.arange(4096, dtype=jnp.float32) + 1  # a buffer XLA owns
-            view = np.asarray(x)
-            expected = view.copy()
-            with warnings.catch_warnings(record=True):  # jax may warn of the declined donation
-                overwrite = jax.jit(lambda a: a * 0 - 1, donate_argnums=0)
-                out = overwrite(x)
-                x.delete()
-                again = overwrite(jnp.arange(4096, dtype=jnp.float32))
-                jax.block_until_ready((out, again))
-        return bool(np.array_equal(view, expected) and (np.asarray(out) == -1).all())
+
+        def owned(value: float) -> jax.Array:
+            # A buffer XLA owns: jax copies a host array that is not 64-byte aligned.
+            host = np.empty(4097, np.float32)
+            host = host[1:] if host.ctypes.data % 64 == 0 else host[:4096]
+            host[:] = value
+            return jax.device_put(host, cpu)
+
+        x = owned(1.0)
+        view = np.asarray(x)
+        overwrite = jax.jit(lambda a: a * 0 - 1, donate_argnums=0)
+        out = overwrite(x)
+        x.delete()
+        again = overwrite(owned(2.0))  # donated: its output may take freed memory
+        jax.block_until_ready((out, again))
+        return bool((view == 1.0).all() and (np.asarray(out) == -1).all())
     except Exception:  # any failure: copy, as before
         return False
 

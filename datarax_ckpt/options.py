@@ -31,7 +31,10 @@ class CheckpointOptions:
             packed into one buffer per dtype (0 disables packing).
         snapshot: Where the state is copied before ``save()`` returns, so that later
             donation or mutation of the caller's arrays cannot reach the checkpoint.
-            ``"auto"``: ``"device"`` on CPU, ``"host"`` on accelerators.
+            ``"auto"``: ``"device"`` on CPU, ``"host"`` on accelerators. On CPU either
+            mode pins jax arrays instead of copying them (a numpy view keeps jax from
+            donating or freeing the buffer until the write is done) and copies numpy
+            arrays.
             ``"device"``: one jitted copy within device memory (on an accelerator this
             costs device memory equal to the state's size, then drains in the background).
             ``"host"``: a device-to-host copy into pinned host memory.

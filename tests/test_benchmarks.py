@@ -134,7 +134,9 @@ def test_smoke_takes_the_fsync_floor_in_the_rounds(smoke: tuple[dict, Path]) -> 
         )
 
 
-@pytest.mark.parametrize("name", ["cpu-smoke", "cpu", "cpu-small", "cpu-i19", "gpu", "tpu"])
+@pytest.mark.parametrize(
+    "name", ["cpu-smoke", "cpu", "cpu-small", "cpu-large", "cpu-i19", "gpu", "tpu"]
+)
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(CONFIGS / f"{name}.toml")
     assert config.name == name and config.cases

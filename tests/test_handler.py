@@ -501,7 +501,7 @@ def test_donating_saved_arrays_does_not_corrupt_the_checkpoint(
     if pinned:
         assert _snapshot.views_pin_buffers()  # this jax: save() on CPU does not copy
     else:
-        monkeypatch.setattr(_snapshot, "views_pin_buffers", lambda: False)
+        monkeypatch.setattr(_snapshot, "pinning_known", lambda: False)
     rng = np.random.default_rng(0)
     state = {
         "w": jnp.asarray(rng.standard_normal(300_000), jnp.float32),  # stored alone
