@@ -318,13 +318,14 @@ class _Capture:
         for n, idxs in self.host_packs.items():
             buffer = carve(packs[n]["size"], packs[n]["dtype"])
             self.arrays[packs[n]["key"]] = buffer
-            sources = [np.asarray(values[i]) for i in idxs]
             mutable = [isinstance(values[i], np.ndarray) for i in idxs] if pin else None
+            if pin and not any(mutable):
+                self.deferred.append((buffer, _pins([values[i] for i in idxs], packs[n]["dtype"])))
+                self.deferred_keys.add(packs[n]["key"])
+                continue
+            sources = [np.asarray(values[i]) for i in idxs]
             if not pin or all(mutable):
                 copies.append((buffer, sources))
-            elif not any(mutable):
-                self.deferred.append((buffer, sources))
-                self.deferred_keys.add(packs[n]["key"])
             else:  # numpy and jax leaves of one dtype: runs of each, copied now or later
                 start = 0
                 pairs = zip(mutable, sources, strict=True)
@@ -353,7 +354,7 @@ class _Capture:
 
     def fill(self) -> None:
         """Makes the deferred copies (on the writer thread), then wraps their packs."""
-        _hostcopy.gather(self.deferred)
+        _hostcopy.gather([(out, [np.asarray(x) for x in pins]) for out, pins in self.deferred])
         self.deferred = []  # the views: no longer pinned by this capture
         if self.host_backend and not self.multiprocess:
             _wrap_for_jax(self.arrays, sorted(self.deferred_keys))
@@ -427,6 +428,21 @@ def _on_one_cpu(sharding: jax.sharding.Sharding) -> bool:
         _ONE_CPU.clear()
     _ONE_CPU[id(sharding)] = (sharding, answer)
     return answer
+
+
+# dtypes jax exports through the buffer protocol (others, bfloat16 among them, raise).
+_BUFFER_DTYPES = frozenset(np.dtype(t).name for t in "?bBhHiIlLqQefdFD")
+
+
+def _pins(values: list[Any], dtype_name: str) -> list[Any]:
+    """Pins for CPU jax arrays of one dtype: memoryviews (an external reference each, the
+    cheapest: no numpy array made inside ``save()``), or numpy views."""
+    if dtype_name in _BUFFER_DTYPES:
+        try:
+            return [memoryview(value) for value in values]
+        except (BufferError, TypeError, ValueError):
+            pass
+    return [np.asarray(value) for value in values]
 
 
 def _pinned(value: Any, pin: bool) -> bool:
