@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 
@@ -136,7 +137,12 @@ def test_two_handlers_and_200_saves_leak_no_memory_and_no_threads(tmp_path):
         f"\n200 saves: RSS {rss_warm / MIB:.0f} MiB after 40 saves, {rss_end / MIB:.0f} MiB "
         f"after 200; threads {threads_warm} -> {threads_end}; after close: {threads_closed}"
     )
-    assert threads_end == threads_warm
+    # Pools start a thread when work finds none idle, so a directory's second hashing
+    # thread may first be needed after the warm-up. No new kind of thread, then, and no
+    # name more than once per directory: a pool or worker leaked per save repeats them.
+    kinds = {name.rsplit("_", 1)[0] for name in threads_warm}
+    assert {name.rsplit("_", 1)[0] for name in threads_end} == kinds
+    assert max(collections.Counter(threads_end).values()) <= len(directories)
     assert threads_closed == []
     # 160 more saves of a 1.4 MiB state: a leaked snapshot per save would add >= 220 MiB.
     assert rss_end - rss_warm < 64 * MIB
