@@ -3,9 +3,10 @@
 One core does not saturate memory bandwidth, and numpy releases the GIL while it copies:
 on the 2-core CI machine a 1 GiB copy takes 96 ms on one thread and 53 ms on two, and
 gathering 2000 leaves of 64 KiB into one buffer 24 ms against 13.5 ms
-(``docs/performance.md``). ``save()`` blocks for exactly this copy, so it is shared
-between a small pool of threads (as many as the process may run on, at most 4) and the
-calling thread.
+(``docs/performance.md``). A copy is shared between a small pool of threads (as many as
+the process may run on, at most 4) and the calling thread: ``save()`` itself, for leaves it
+must copy (numpy leaves; any leaf on CPU while pinning is unknown, see
+``_snapshot.views_pin_buffers``), or the writer thread filling packs from pinned views.
 
 Copies are kept as large as the balance allows: glibc's ``memcpy`` switches to
 non-temporal stores above a threshold (114 MiB on that machine), and the same 1 GiB

@@ -176,7 +176,8 @@ class _Capture:
         ``PACK_BIN_BYTES``, each numbered and laid out here) or a host copy."""
         # One pass, a few dict operations per slot: 2,000-leaf states pay it per save().
         # Leaves mostly share a dtype and a sharding object, so their facts are looked up
-        # again only when those change (by identity: hashing either is slower).
+        # again only when those change (by identity: hashing either is slower, a sharding
+        # runs Python code for it).
         values, table, sizes, packs = self.values, self.table, self.sizes, self.packs
         multiprocess, host_backend = self.multiprocess, self.host_backend
         open_bins: dict[str, list] = {}  # dtype name -> [pack index, bytes] of its open bin
@@ -215,7 +216,7 @@ class _Capture:
                     continue
             if is_jax and host_backend and value.sharding is not seen_sharding:
                 seen_sharding = value.sharding
-                on_one_cpu = _on_one_cpu(seen_sharding)
+                on_one_cpu = _single_cpu(seen_sharding)
             if is_jax and not (host_backend and on_one_cpu):
                 devices = value.sharding.device_set
                 packable = small and value.is_fully_addressable and len(devices) == 1
@@ -230,8 +231,9 @@ class _Capture:
                 if open_bin is None or open_bin[1] + nbytes > PACK_BIN_BYTES:
                     open_bin = open_bins[dtype_name] = [len(packs), 0]
                     self.host_packs[len(packs)] = []
-                    pack = {"key": f"p{len(packs)}", "dtype": dtype_name, "size": 0, "lib": "host"}
-                    packs.append(pack)
+                    packs.append(
+                        {"key": f"p{len(packs)}", "dtype": dtype_name, "size": 0, "lib": "host"}
+                    )
                 pack = packs[open_bin[0]]
                 entry["pack"] = open_bin[0]
                 entry["offset"] = pack["size"]
@@ -404,6 +406,7 @@ def _unstorable(path: str, dtype: np.dtype) -> TypeError:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
     devices = sharding.device_set
     return (
@@ -411,23 +414,6 @@ def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
         and next(iter(devices)).platform == "cpu"
         and sharding.is_fully_addressable
     )
-
-
-# Sharding -> _single_cpu, by identity: arrays placed alike share one sharding object, and
-# hashing a sharding runs Python code (~0.6 us). Holds the shardings it names, so an id is
-# not reused while its entry lives.
-_ONE_CPU: dict[int, tuple[Any, bool]] = {}
-
-
-def _on_one_cpu(sharding: jax.sharding.Sharding) -> bool:
-    hit = _ONE_CPU.get(id(sharding))
-    if hit is not None and hit[0] is sharding:
-        return hit[1]
-    answer = _single_cpu(sharding)
-    if len(_ONE_CPU) >= 256:
-        _ONE_CPU.clear()
-    _ONE_CPU[id(sharding)] = (sharding, answer)
-    return answer
 
 
 # dtypes jax exports through the buffer protocol (others, bfloat16 among them, raise).
