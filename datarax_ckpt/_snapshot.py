@@ -175,13 +175,13 @@ class _Capture:
         (per set of devices), a host pack (per dtype, in bins of at most
         ``PACK_BIN_BYTES``, each numbered and laid out here) or a host copy."""
         # One pass, a few dict operations per slot: 2,000-leaf states pay it per save().
-        # Leaves mostly share a dtype and a sharding object, so their facts are looked up
+        # Leaves mostly share a dtype object and a device, so their facts are looked up
         # again only when those change (by identity: hashing either is slower, a sharding
         # runs Python code for it).
         values, table, sizes, packs = self.values, self.table, self.sizes, self.packs
         multiprocess, host_backend = self.multiprocess, self.host_backend
         open_bins: dict[str, list] = {}  # dtype name -> [pack index, bytes] of its open bin
-        seen_dtype = seen_sharding = on_one_cpu = None
+        seen_dtype = seen_sharding = seen_device = placement = None
         for i, value in enumerate(values):
             dtype = value.dtype
             if dtype is not seen_dtype:
@@ -214,19 +214,25 @@ class _Capture:
                     entry["key"] = f"a{i}"
                     self.arrays[f"a{i}"] = value
                     continue
-            if is_jax and host_backend and value.sharding is not seen_sharding:
-                seen_sharding = value.sharding
-                on_one_cpu = _single_cpu(seen_sharding)
-            if is_jax and not (host_backend and on_one_cpu):
-                devices = value.sharding.device_set
-                packable = small and value.is_fully_addressable and len(devices) == 1
-                bucket_key = tuple(sorted(d.id for d in devices))
-                groups, large = self.jax_buckets.setdefault(bucket_key, ({}, []))
-                if packable:
-                    groups.setdefault(dtype_name, []).append(i)
-                else:
-                    large.append(i)
-            elif small:
+            if is_jax:
+                if value.sharding is not seen_sharding:
+                    seen_sharding = value.sharding
+                    # jit and device_put give each array its own sharding object: looked up
+                    # by its device (one object per device) where jax exposes it.
+                    device = _device_of(seen_sharding)
+                    if device is None:
+                        placement, seen_device = _placement(seen_sharding), None
+                    elif device is not seen_device:
+                        placement, seen_device = _device_placement(device), device
+                on_one_cpu, bucket_key, one_local = placement
+                if not (host_backend and on_one_cpu):
+                    groups, large = self.jax_buckets.setdefault(bucket_key, ({}, []))
+                    if small and one_local:
+                        groups.setdefault(dtype_name, []).append(i)
+                    else:
+                        large.append(i)
+                    continue
+            if small:
                 open_bin = open_bins.get(dtype_name)
                 if open_bin is None or open_bin[1] + nbytes > PACK_BIN_BYTES:
                     open_bin = open_bins[dtype_name] = [len(packs), 0]
@@ -407,13 +413,32 @@ def _unstorable(path: str, dtype: np.dtype) -> TypeError:
 
 
 @functools.lru_cache(maxsize=256)
-def _single_cpu(sharding: jax.sharding.Sharding) -> bool:
+def _placement(sharding: jax.sharding.Sharding) -> tuple[bool, tuple[int, ...], bool]:
+    """Where a sharding puts an array: ``(on one CPU device of this process, its devices'
+    ids in order, on one device of this process)``."""
     devices = sharding.device_set
-    return (
-        len(devices) == 1
-        and next(iter(devices)).platform == "cpu"
-        and sharding.is_fully_addressable
-    )
+    one_local = len(devices) == 1 and sharding.is_fully_addressable
+    on_cpu = one_local and next(iter(devices)).platform == "cpu"
+    return on_cpu, tuple(sorted(d.id for d in devices)), one_local
+
+
+_SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
+
+
+def _device_of(sharding: jax.sharding.Sharding) -> jax.Device | None:
+    """The device of a ``SingleDeviceSharding``, read without hashing the sharding or
+    building its device set (~1.2 us each, per leaf: arrays out of ``jax.jit`` or
+    ``jax.device_put`` do not share sharding objects); None for other shardings, or a
+    jax that keeps the device elsewhere."""
+    if type(sharding) is not _SINGLE_DEVICE:
+        return None
+    return getattr(sharding, "_device", None)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_placement(device: jax.Device) -> tuple[bool, tuple[int, ...], bool]:
+    """:func:`_placement` of a sharding on ``device`` alone."""
+    return _placement(_SINGLE_DEVICE(device))
 
 
 # dtypes jax exports through the buffer protocol (others, bfloat16 among them, raise).

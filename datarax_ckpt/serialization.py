@@ -72,6 +72,7 @@ class _Encoder:
         self.values: list[Any] = []
         self.paths: list[str] = []
         self.depth = 0
+        self.plain_dtype: Any = None  # the last dtype seen not to be a PRNG key's
 
     def _slot(self, value: Any, path: str) -> int:
         self.values.append(value)
@@ -81,8 +82,10 @@ class _Encoder:
     def _jax_leaf(self, x: Any, path: str) -> dict:
         """A leaf of a type in ``_JAX_ARRAY_TYPES``: what :meth:`_encode_array` does for
         it, without the type dispatch (2,000 leaves: the encoding's largest cost)."""
-        if x.is_deleted() or _kinds.is_key_dtype(x.dtype):
+        dtype = x.dtype
+        if x.is_deleted() or (dtype is not self.plain_dtype and _kinds.is_key_dtype(dtype)):
             return self._encode_array(x, path)  # its error, or a typed key
+        self.plain_dtype = dtype  # leaves mostly share one: not asked again
         self.values.append(x)
         self.paths.append(path)
         return {"t": "array", "lib": "jax", "s": len(self.values) - 1}

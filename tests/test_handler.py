@@ -558,6 +558,50 @@ def test_every_dtype_survives_deleting_the_state_right_after_save(handler, tmp_p
         np.testing.assert_array_equal(np.asarray(restored[k]), value, err_msg=k)
 
 
+def test_jitted_state_on_several_cpu_devices_survives_donation_right_after_save(handler, tmp_path):
+    # A training loop's state comes out of jax.jit (every leaf has its own sharding
+    # object), on more than one device, and is donated to the next step at once.
+    assert _snapshot.views_pin_buffers()  # this save pins the single-device leaves
+    cpu = jax.devices("cpu")
+    sharded = jax.sharding.NamedSharding(cpu_mesh((4,), ("x",)), jax.sharding.PartitionSpec("x"))
+    rng = np.random.default_rng(2)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(params):
+        return jax.tree.map(lambda x: x * 2, params)
+
+    def jitted(n):
+        fresh = {f"w{i}": np.float32(rng.standard_normal(64)) for i in range(n)}
+        return train_step(jax.device_put(fresh, cpu[0]))
+
+    state = {
+        "params": jitted(4),
+        "rng": jax.random.key(3),
+        "sharded": jax.device_put(np.arange(16.0, dtype=np.float32), sharded),
+        "head": jitted(2),
+        "side": {f"v{i}": jax.device_put(np.float32(rng.standard_normal(8)), cpu[1]) for i in "ab"},
+    }
+    expected = {k: jax.tree.map(np.array, v) for k, v in state.items() if k != "rng"}
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    handler.save(tmp_path, state, step=1)
+    for part in ("params", "head"):
+        jax.block_until_ready(train_step(state[part]))
+    for value in state["side"].values():
+        value.delete()
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored = handler.restore(tmp_path, target, step=1)
+    assert jax.tree.map(lambda x: x.sharding, restored) == shardings
+    assert jax.random.key_impl(restored["rng"]) == jax.random.key_impl(state["rng"])
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["rng"]), jax.random.key_data(state["rng"])
+    )
+    for path, value in jax.tree_util.tree_leaves_with_path({k: restored[k] for k in expected}):
+        want = functools.reduce(lambda node, key: node[key.key], path, expected)
+        np.testing.assert_array_equal(np.asarray(value), want, err_msg=str(path))
+
+
 def test_sigkill_during_async_save_keeps_previous_step(tmp_path):
     code = textwrap.dedent(
         f"""

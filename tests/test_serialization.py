@@ -130,6 +130,31 @@ def test_target_gives_dtype_and_sharding():
     np.testing.assert_array_equal(np.asarray(restored, np.float32), np.arange(8.0))
 
 
+def test_leaves_on_one_cpu_device_are_packed_in_host_memory_whatever_lies_between():
+    # Arrays out of jax.jit each have their own sharding object. Leaves on one CPU device
+    # are packed in host memory (pinned, not copied on the device), also after a leaf
+    # sharded over four devices (stored alone) or on another device.
+    cpu = jax.devices("cpu")
+    sharded = jax.sharding.NamedSharding(cpu_mesh((4,), ("x",)), jax.sharding.PartitionSpec("x"))
+    step = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t))
+
+    def jitted(n, device):
+        return step([jax.device_put(np.full(4, i, np.float32), device) for i in range(n)])
+
+    tree = {
+        "a": jitted(3, cpu[0]),
+        "mesh": jax.device_put(np.arange(16.0, dtype=np.float32), sharded),
+        "key": jax.random.key(0),
+        "b": jitted(2, cpu[0]),
+        "c": jitted(1, cpu[1]),
+    }
+    arrays, manifest = serialization.serialize(tree)
+    packs = manifest["packs"]
+    where = [packs[s["pack"]]["lib"] if "pack" in s else "alone" for s in manifest["slots"]]
+    assert where == ["host"] * 3 + ["alone"] + ["host"] * 4
+    assert_identical(serialization.deserialize(arrays, manifest, tree), tree)
+
+
 def test_numpy_target_restores_numpy():
     restored = roundtrip({"w": jnp.arange(3)}, target={"w": np.zeros(3, np.int32)})["w"]
     assert isinstance(restored, np.ndarray)
